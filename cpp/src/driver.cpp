@@ -1,0 +1,103 @@
+#include "driver.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "threadpool.hpp"
+
+namespace sdpa {
+namespace {
+
+std::atomic<const KernelTable*> g_kernel{nullptr};
+
+// Split-K engages when a call has fewer (outer x row-tile) items than this, so that decode-like
+// shapes (few query rows, many keys) still spread over the threads. A shape-only rule.
+constexpr int64_t kTargetItems = 64;
+// Each split covers at least this many keys, so that merging costs little next to computing.
+constexpr int64_t kMinSplitKeys = 2 * kKeyBlock;
+// Calls with less work than this (in multiply-adds) run on the caller: waking threads costs more.
+constexpr double kInlineWork = 1 << 16;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Per-thread scratch, grown on demand and kept for the thread's life. Thread-local rather than
+// indexed by worker id, so that concurrent calls from several Python threads never share it.
+void* thread_scratch(size_t bytes) {
+  thread_local std::unique_ptr<char[]> buf;
+  thread_local size_t cap = 0;
+  if (bytes > cap) {
+    buf.reset(new char[bytes]);
+    cap = bytes;
+  }
+  return buf.get();
+}
+
+size_t dtype_size(const Problem& p) { return p.dtype == DType::f64 ? 8 : 4; }
+
+}  // namespace
+
+void set_kernel(const KernelTable* table) {
+  if (!table || table->abi_version != kAbiVersion)
+    throw std::invalid_argument("kernel module was built for another sdpa ABI version");
+  g_kernel.store(table);
+}
+
+const KernelTable* active_kernel() { return g_kernel.load(); }
+
+Plan make_plan(const Problem& p) {
+  Plan plan;
+  plan.n_outer = 1;
+  for (int d = 0; d + 1 < p.nbatch; ++d) plan.n_outer *= p.batch_shape[d];
+  plan.rows = p.batch_shape[p.nbatch - 1] * p.L;
+  plan.row_tile = kRowTile;
+  plan.n_row_tiles = ceil_div(plan.rows, plan.row_tile);
+  const int64_t tiles = plan.n_outer * plan.n_row_tiles;
+  plan.n_splits = 1;
+  plan.split_len = p.S;
+  if (tiles > 0 && tiles < kTargetItems && p.S >= 2 * kMinSplitKeys) {
+    const int64_t want = std::min(ceil_div(kTargetItems, tiles), p.S / kMinSplitKeys);
+    plan.split_len = ceil_div(ceil_div(p.S, want), kKeyBlock) * kKeyBlock;
+    plan.n_splits = ceil_div(p.S, plan.split_len);
+  }
+  plan.n_items = tiles * plan.n_splits;
+  return plan;
+}
+
+void run(const Problem& p) {
+  const KernelTable* kt = active_kernel();
+  if (!kt) throw std::invalid_argument("no sdpa kernel selected");
+  if (p.nbatch < 1 || p.nbatch > kMaxBatchDims)
+    throw std::invalid_argument("number of batch dims out of range");
+  if (p.L < 0 || p.S < 0 || p.E < 0 || p.Ev < 0) throw std::invalid_argument("negative size");
+
+  Plan plan = make_plan(p);
+  if (plan.n_items == 0) return;
+
+  std::vector<char> partials;
+  if (plan.n_splits > 1) {
+    partials.resize(static_cast<size_t>(plan.n_items * plan.row_tile * (p.Ev + 2)) *
+                    dtype_size(p));
+    plan.partials = partials.data();
+  }
+
+  const size_t scratch = kt->scratch_bytes(p, plan);
+  const double work = static_cast<double>(plan.n_outer) * static_cast<double>(plan.rows) *
+                      static_cast<double>(p.S) * static_cast<double>(p.E + p.Ev);
+  std::shared_ptr<ThreadPool> pool = global_pool();
+  const int threads = work < kInlineWork ? 1 : pool->size();
+
+  pool->parallel_for(plan.n_items, threads, [&](int64_t item) {
+    kt->run_items(p, plan, item, item + 1, thread_scratch(scratch));
+  });
+  if (plan.n_splits > 1) {
+    pool->parallel_for(plan.n_outer * plan.n_row_tiles, threads, [&](int64_t tile) {
+      kt->merge_tiles(p, plan, tile, tile + 1, thread_scratch(scratch));
+    });
+  }
+}
+
+}  // namespace sdpa

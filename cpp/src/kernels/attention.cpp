@@ -1,0 +1,462 @@
+// Flash-style attention kernel, compiled once per ISA (see CMakeLists.txt: SDPA_ISA_NAME and the
+// -m flags). Pure C++ and Eigen: no Python, no threads, no allocation of its own; the driver hands
+// it a range of work items and a scratch buffer.
+//
+// Algorithm: blocked attention with an online softmax (Milakov & Gimelshein 2018; Rabe & Staats
+// 2021; Dao et al. 2022). For one tile of query rows and each block of keys:
+//   S_blk = Q_tile (nr x E) * K_blk^T (E x nk)          scores, Q pre-scaled by `scale`
+//   S_blk = softcap * tanh(S_blk / softcap)             optional
+//   S_blk += additive mask, ALiBi; removed keys -> -inf
+//   m_new = max(m, rowmax(S_blk))                       running max per row
+//   alpha = exp(m - m_new)                              rescale factor of the old state
+//   P_blk = exp(S_blk - m_new)
+//   l     = alpha * l + rowsum(P_blk)                   running sum
+//   acc   = alpha * acc + P_blk (nr x nk) * V_blk (nk x Ev)
+// and finally out = acc / l (0 where l == 0: a row with no key left), lse = m + log(l).
+// The L x S score matrix never exists: memory is O(kRowTile * (E + Ev + kKeyBlock)) per worker.
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include "sdpa/sdpa.hpp"
+
+#ifndef SDPA_ISA_NAME
+#error "SDPA_ISA_NAME must name the ISA variant this file is compiled for"
+#endif
+#ifndef SDPA_COMPILE_INFO
+#define SDPA_COMPILE_INFO "unknown"
+#endif
+
+namespace sdpa {
+namespace {
+
+template <typename T>
+using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <typename T>
+using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+template <typename T>
+using MatMap = Eigen::Map<RowMat<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
+template <typename T>
+using ConstMatMap = Eigen::Map<const RowMat<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+// Storage type of each DType and the type it is computed in.
+template <DType D>
+struct Types;
+template <>
+struct Types<DType::f16> {
+  using Store = Eigen::half;
+  using Acc = float;
+};
+template <>
+struct Types<DType::bf16> {
+  using Store = Eigen::bfloat16;
+  using Acc = float;
+};
+template <>
+struct Types<DType::f32> {
+  using Store = float;
+  using Acc = float;
+};
+template <>
+struct Types<DType::f64> {
+  using Store = double;
+  using Acc = double;
+};
+
+constexpr size_t kAlign = 64;
+inline size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// What each query row of the tile needs, gathered once per tile.
+struct RowInfo {
+  int64_t q_off, out_off, mask_off, lse_off;  // element offsets of the row's start
+  int64_t lo, hi;                             // keys [lo, hi) survive causal/window/kv_length
+  int64_t diag;                               // the row's diagonal key (alignment)
+  double slope;                               // ALiBi slope (0 when absent)
+};
+
+// Per-worker scratch, carved from the driver's buffer (each region 64-byte aligned):
+//   Qs    [kRowTile x E]          query tile, converted and multiplied by scale
+//   Sb    [kRowTile x kKeyBlock]  scores, then probabilities
+//   acc   [kRowTile x Ev]         unnormalised output
+//   Kc    [kKeyBlock x E]         key block converted to T (only when K is not mappable)
+//   Vc    [kKeyBlock x Ev]        value block converted to T (only when V is not mappable)
+//   m, l  [kRowTile] each         running max and running sum
+//   rows  [kRowTile] RowInfo
+template <typename T>
+struct Scratch {
+  T *Qs, *Sb, *acc, *Kc, *Vc, *m, *l;
+  RowInfo* rows;
+
+  static size_t bytes(const Problem& p) {
+    const size_t E = static_cast<size_t>(p.E), Ev = static_cast<size_t>(p.Ev);
+    return round_up(sizeof(T) * kRowTile * E) + round_up(sizeof(T) * kRowTile * kKeyBlock) +
+           round_up(sizeof(T) * kRowTile * Ev) + round_up(sizeof(T) * kKeyBlock * E) +
+           round_up(sizeof(T) * kKeyBlock * Ev) + 2 * round_up(sizeof(T) * kRowTile) +
+           round_up(sizeof(RowInfo) * kRowTile) + kAlign;
+  }
+
+  Scratch(const Problem& p, void* buffer) {
+    auto base = reinterpret_cast<uintptr_t>(buffer);
+    char* c = reinterpret_cast<char*>((base + kAlign - 1) / kAlign * kAlign);
+    auto take = [&c](size_t n) {
+      char* r = c;
+      c += round_up(n);
+      return r;
+    };
+    Qs = reinterpret_cast<T*>(take(sizeof(T) * kRowTile * p.E));
+    Sb = reinterpret_cast<T*>(take(sizeof(T) * kRowTile * kKeyBlock));
+    acc = reinterpret_cast<T*>(take(sizeof(T) * kRowTile * p.Ev));
+    Kc = reinterpret_cast<T*>(take(sizeof(T) * kKeyBlock * p.E));
+    Vc = reinterpret_cast<T*>(take(sizeof(T) * kKeyBlock * p.Ev));
+    m = reinterpret_cast<T*>(take(sizeof(T) * kRowTile));
+    l = reinterpret_cast<T*>(take(sizeof(T) * kRowTile));
+    rows = reinterpret_cast<RowInfo*>(take(sizeof(RowInfo) * kRowTile));
+  }
+};
+
+// Element offsets of one outer (batch) index into every operand.
+struct OuterOffsets {
+  int64_t q = 0, k = 0, v = 0, out = 0, mask = 0, alibi = 0, kv_length = 0, lse = 0;
+};
+
+OuterOffsets outer_offsets(const Problem& p, int64_t outer) {
+  OuterOffsets o;
+  for (int d = p.nbatch - 2; d >= 0; --d) {
+    const int64_t n = p.batch_shape[d];
+    const int64_t i = outer % n;
+    outer /= n;
+    o.q += i * p.q.batch_stride[d];
+    o.k += i * p.k.batch_stride[d];
+    o.v += i * p.v.batch_stride[d];
+    o.out += i * p.out.batch_stride[d];
+    o.mask += i * p.mask.batch_stride[d];
+    o.alibi += i * p.alibi.batch_stride[d];
+    o.kv_length += i * p.kv_length.batch_stride[d];
+    o.lse += i * p.lse.batch_stride[d];
+  }
+  return o;
+}
+
+// Fills rows[0, nr) for query rows [t0, t0 + nr) of the (G x L) row space.
+void describe_rows(const Problem& p, const OuterOffsets& o, int64_t t0, int64_t nr,
+                   RowInfo* rows) {
+  const int gd = p.nbatch - 1;
+  const int64_t shift = p.alignment == Alignment::bottom_right ? p.S - p.L : 0;
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t t = t0 + r, g = t / p.L, i = t % p.L;
+    RowInfo& ri = rows[r];
+    ri.q_off = o.q + g * p.q.batch_stride[gd] + i * p.q.row_stride;
+    ri.out_off = o.out + g * p.out.batch_stride[gd] + i * p.out.row_stride;
+    ri.mask_off = o.mask + g * p.mask.batch_stride[gd] + i * p.mask.row_stride;
+    ri.lse_off = o.lse + g * p.lse.batch_stride[gd] + i * p.lse.row_stride;
+    ri.diag = i + shift;
+    int64_t lo = 0, hi = p.S;
+    if (p.causal) hi = std::min(hi, ri.diag + 1);
+    if (p.window_left != kUnbounded) lo = std::max(lo, ri.diag - p.window_left);
+    if (p.window_right != kUnbounded) hi = std::min(hi, ri.diag + p.window_right + 1);
+    if (p.kv_length.data) {
+      const auto* len = static_cast<const int64_t*>(p.kv_length.data);
+      hi = std::min(hi, len[o.kv_length + g * p.kv_length.batch_stride[gd]]);
+    }
+    ri.lo = std::max<int64_t>(lo, 0);
+    ri.hi = std::max(std::min(hi, p.S), ri.lo);
+    ri.slope = 0;
+    if (p.alibi.data) {
+      const auto* s = static_cast<const double*>(p.alibi.data);
+      ri.slope = s[o.alibi + g * p.alibi.batch_stride[gd]];
+    }
+  }
+}
+
+// Copies n elements src[0], src[stride], ... (storage type S) into dst (type T), times `mul`.
+template <typename T, typename S>
+inline void load_row(T* dst, const S* src, int64_t n, int64_t stride, T mul) {
+  if (stride == 1) {
+    Eigen::Map<RowVec<T>>(dst, n) = Eigen::Map<const RowVec<S>>(src, n).template cast<T>() * mul;
+  } else {
+    for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c * stride]) * mul;
+  }
+}
+
+// Stores n elements of src (type T), times `mul`, into dst[0], dst[stride], ... (type S).
+template <typename T, typename S>
+inline void store_row(S* dst, const T* src, int64_t n, int64_t stride, T mul) {
+  if (stride == 1) {
+    Eigen::Map<RowVec<S>>(dst, n) = (Eigen::Map<const RowVec<T>>(src, n) * mul).template cast<S>();
+  } else {
+    for (int64_t c = 0; c < n; ++c) dst[c * stride] = static_cast<S>(src[c] * mul);
+  }
+}
+
+// A block of rows [j0, j0 + nk) of a (S x D) key-side operand as a matrix in type T: a direct
+// map when the storage already is T with unit column stride, else converted into `buffer`.
+template <typename T, typename Store>
+ConstMatMap<T> key_side_block(const View& view, int64_t base, int64_t j0, int64_t nk, int64_t D,
+                              T* buffer) {
+  const auto* src = static_cast<const Store*>(view.data) + base + j0 * view.row_stride;
+  if constexpr (std::is_same_v<T, Store>) {
+    if (view.col_stride == 1 && view.row_stride > 0)
+      return ConstMatMap<T>(src, nk, D, Eigen::OuterStride<>(view.row_stride));
+  }
+  for (int64_t j = 0; j < nk; ++j)
+    load_row<T, Store>(buffer + j * D, src + j * view.row_stride, D, view.col_stride, T(1));
+  return ConstMatMap<T>(buffer, nk, D, Eigen::OuterStride<>(D));
+}
+
+template <DType D>
+struct Kernel {
+  using Store = typename Types<D>::Store;
+  using T = typename Types<D>::Acc;
+  static constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+  static void run_item(const Problem& p, const Plan& plan, int64_t item, Scratch<T>& ws) {
+    const int64_t split = item % plan.n_splits;
+    const int64_t tile = (item / plan.n_splits) % plan.n_row_tiles;
+    const int64_t outer = item / plan.n_splits / plan.n_row_tiles;
+    const OuterOffsets o = outer_offsets(p, outer);
+    const int64_t t0 = tile * plan.row_tile;
+    const int64_t nr = std::min(plan.row_tile, plan.rows - t0);
+    RowInfo* rows = ws.rows;
+    describe_rows(p, o, t0, nr, rows);
+
+    // Q_tile (nr x E) = scale * q rows, in T.
+    const auto* q = static_cast<const Store*>(p.q.data);
+    for (int64_t r = 0; r < nr; ++r)
+      load_row<T, Store>(ws.Qs + r * p.E, q + rows[r].q_off, p.E, p.q.col_stride, T(p.scale));
+    ConstMatMap<T> Qt(ws.Qs, nr, p.E, Eigen::OuterStride<>(p.E));
+    MatMap<T> acc(ws.acc, nr, p.Ev, Eigen::OuterStride<>(p.Ev));
+    acc.setZero();
+    std::fill(ws.m, ws.m + nr, kNegInf);
+    std::fill(ws.l, ws.l + nr, T(0));
+
+    // Keys this item visits: the union of the rows' [lo, hi) within this split's chunk.
+    int64_t jlo = p.S, jhi = 0;
+    for (int64_t r = 0; r < nr; ++r) {
+      if (rows[r].lo >= rows[r].hi) continue;
+      jlo = std::min(jlo, rows[r].lo);
+      jhi = std::max(jhi, rows[r].hi);
+    }
+    if (plan.n_splits > 1) {
+      jlo = std::max(jlo, split * plan.split_len);
+      jhi = std::min(jhi, (split + 1) * plan.split_len);
+    }
+
+    for (int64_t j0 = jlo; j0 < jhi; j0 += kKeyBlock) {
+      const int64_t nk = std::min(kKeyBlock, jhi - j0);
+      process_block(p, o, nr, j0, nk, ws, Qt, acc);
+    }
+
+    if (plan.n_splits == 1) {
+      finish_rows(p, nr, ws);
+    } else {
+      // Partial record per row: (m, l, acc[Ev]).
+      const int64_t rec = p.Ev + 2;
+      T* dst = static_cast<T*>(plan.partials) +
+               ((outer * plan.n_row_tiles + tile) * plan.n_splits + split) * plan.row_tile * rec;
+      for (int64_t r = 0; r < nr; ++r) {
+        dst[r * rec] = ws.m[r];
+        dst[r * rec + 1] = ws.l[r];
+        std::copy(ws.acc + r * p.Ev, ws.acc + (r + 1) * p.Ev, dst + r * rec + 2);
+      }
+    }
+  }
+
+  static void process_block(const Problem& p, const OuterOffsets& o, int64_t nr, int64_t j0,
+                            int64_t nk, Scratch<T>& ws, const ConstMatMap<T>& Qt,
+                            MatMap<T>& acc) {
+    const RowInfo* rows = ws.rows;
+    // Block entirely outside every row's key range: nothing to do.
+    bool any = false, full = true;
+    for (int64_t r = 0; r < nr; ++r) {
+      any |= rows[r].lo < j0 + nk && rows[r].hi > j0;
+      full &= rows[r].lo <= j0 && rows[r].hi >= j0 + nk;
+    }
+    if (!any) return;
+
+    // S_blk (nr x nk) = Q_tile (nr x E) * K_blk^T (E x nk)
+    const ConstMatMap<T> Kb = key_side_block<T, Store>(p.k, o.k, j0, nk, p.E, ws.Kc);
+    MatMap<T> Sb(ws.Sb, nr, nk, Eigen::OuterStride<>(kKeyBlock));
+    Sb.noalias() = Qt * Kb.transpose();
+
+    if (p.softcap > 0) {
+      const T c = static_cast<T>(p.softcap), inv_c = T(1) / c;
+      Sb = (Sb.array() * inv_c).tanh() * c;
+    }
+    if (p.mask_kind == MaskKind::additive) {
+      const auto* mk = static_cast<const T*>(p.mask.data);
+      const int64_t cs = p.mask.col_stride;
+      for (int64_t r = 0; r < nr; ++r) {
+        const T* mrow = mk + rows[r].mask_off + j0 * cs;
+        T* srow = ws.Sb + r * kKeyBlock;
+        if (cs == 1) {
+          Eigen::Map<RowVec<T>>(srow, nk) += Eigen::Map<const RowVec<T>>(mrow, nk);
+        } else {
+          for (int64_t c = 0; c < nk; ++c) srow[c] += mrow[c * cs];
+        }
+      }
+    }
+    if (p.alibi.data) {
+      for (int64_t r = 0; r < nr; ++r) {
+        const T slope = static_cast<T>(rows[r].slope);
+        if (slope == T(0)) continue;
+        T* srow = ws.Sb + r * kKeyBlock;
+        const int64_t d = rows[r].diag - j0;  // |j - diag| = |c - d|
+        for (int64_t c = 0; c < nk; ++c) srow[c] -= slope * static_cast<T>(std::abs(c - d));
+      }
+    }
+    if (!full) {
+      for (int64_t r = 0; r < nr; ++r) {
+        T* srow = ws.Sb + r * kKeyBlock;
+        const int64_t lo = std::clamp<int64_t>(rows[r].lo - j0, 0, nk);
+        const int64_t hi = std::clamp<int64_t>(rows[r].hi - j0, lo, nk);
+        std::fill(srow, srow + lo, kNegInf);
+        std::fill(srow + hi, srow + nk, kNegInf);
+      }
+    }
+    if (p.mask_kind == MaskKind::boolean) {
+      const auto* mk = static_cast<const uint8_t*>(p.mask.data);
+      const int64_t cs = p.mask.col_stride;
+      for (int64_t r = 0; r < nr; ++r) {
+        const uint8_t* mrow = mk + rows[r].mask_off + j0 * cs;
+        T* srow = ws.Sb + r * kKeyBlock;
+        for (int64_t c = 0; c < nk; ++c) srow[c] = mrow[c * cs] ? srow[c] : kNegInf;
+      }
+    }
+
+    // Online softmax update, row by row (rows of Sb are contiguous).
+    bool live = false;
+    for (int64_t r = 0; r < nr; ++r) {
+      auto srow = Sb.row(r).array();
+      const T m_new = std::max(ws.m[r], srow.maxCoeff());
+      if (m_new == kNegInf) {  // nothing to attend to in this row so far
+        srow.setZero();
+        continue;
+      }
+      live = true;
+      const T alpha = std::exp(ws.m[r] - m_new);  // 0 when m was -inf
+      srow = (srow - m_new).exp();
+      ws.l[r] = ws.l[r] * alpha + srow.sum();
+      ws.m[r] = m_new;
+      if (alpha != T(1)) acc.row(r) *= alpha;
+    }
+    if (!live) return;
+
+    // acc (nr x Ev) += P_blk (nr x nk) * V_blk (nk x Ev)
+    const ConstMatMap<T> Vb = key_side_block<T, Store>(p.v, o.v, j0, nk, p.Ev, ws.Vc);
+    acc.noalias() += Sb * Vb;
+  }
+
+  // Writes out = acc / l (0 for a row with no key) and lse = m + log(l) (-inf for such a row).
+  static void write_row(const Problem& p, const RowInfo& ri, const T* acc_row, T m, T l) {
+    const T inv = l > T(0) ? T(1) / l : T(0);
+    auto* out = static_cast<Store*>(const_cast<void*>(p.out.data));
+    store_row<T, Store>(out + ri.out_off, acc_row, p.Ev, p.out.col_stride, inv);
+    if (p.lse.data) {
+      auto* lse = static_cast<T*>(const_cast<void*>(p.lse.data));
+      lse[ri.lse_off] = l > T(0) ? m + std::log(l) : kNegInf;
+    }
+  }
+
+  static void finish_rows(const Problem& p, int64_t nr, const Scratch<T>& ws) {
+    for (int64_t r = 0; r < nr; ++r)
+      write_row(p, ws.rows[r], ws.acc + r * p.Ev, ws.m[r], ws.l[r]);
+  }
+
+  static void run_items(const Problem& p, const Plan& plan, int64_t begin, int64_t end,
+                        void* scratch) {
+    Scratch<T> ws(p, scratch);
+    for (int64_t item = begin; item < end; ++item) run_item(p, plan, item, ws);
+  }
+
+  // Merges the splits of row tiles [begin, end) by log-sum-exp, always in split order 0, 1, ...
+  static void merge_tiles(const Problem& p, const Plan& plan, int64_t begin, int64_t end,
+                          void* scratch) {
+    Scratch<T> ws(p, scratch);
+    const int64_t rec = p.Ev + 2;
+    for (int64_t ot = begin; ot < end; ++ot) {
+      const int64_t outer = ot / plan.n_row_tiles, tile = ot % plan.n_row_tiles;
+      const OuterOffsets o = outer_offsets(p, outer);
+      const int64_t t0 = tile * plan.row_tile;
+      const int64_t nr = std::min(plan.row_tile, plan.rows - t0);
+      describe_rows(p, o, t0, nr, ws.rows);
+      const T* base = static_cast<const T*>(plan.partials) + ot * plan.n_splits * plan.row_tile * rec;
+      for (int64_t r = 0; r < nr; ++r) {
+        T m = kNegInf;
+        for (int64_t s = 0; s < plan.n_splits; ++s)
+          m = std::max(m, base[(s * plan.row_tile + r) * rec]);
+        Eigen::Map<RowVec<T>> acc(ws.acc, p.Ev);
+        acc.setZero();
+        T l = 0;
+        if (m != kNegInf) {
+          for (int64_t s = 0; s < plan.n_splits; ++s) {
+            const T* part = base + (s * plan.row_tile + r) * rec;
+            if (part[1] == T(0)) continue;
+            const T w = std::exp(part[0] - m);
+            l += w * part[1];
+            acc += w * Eigen::Map<const RowVec<T>>(part + 2, p.Ev);
+          }
+        }
+        write_row(p, ws.rows[r], ws.acc, m, l);
+      }
+    }
+  }
+};
+
+template <template <DType> class F, typename... Args>
+auto by_dtype(DType d, Args&&... args) {
+  switch (d) {
+    case DType::f16:
+      return F<DType::f16>::call(std::forward<Args>(args)...);
+    case DType::bf16:
+      return F<DType::bf16>::call(std::forward<Args>(args)...);
+    case DType::f32:
+      return F<DType::f32>::call(std::forward<Args>(args)...);
+    case DType::f64:
+    default:
+      return F<DType::f64>::call(std::forward<Args>(args)...);
+  }
+}
+
+template <DType D>
+struct ScratchBytes {
+  static size_t call(const Problem& p) { return Scratch<typename Types<D>::Acc>::bytes(p); }
+};
+template <DType D>
+struct RunItems {
+  static void call(const Problem& p, const Plan& plan, int64_t b, int64_t e, void* s) {
+    Kernel<D>::run_items(p, plan, b, e, s);
+  }
+};
+template <DType D>
+struct MergeTiles {
+  static void call(const Problem& p, const Plan& plan, int64_t b, int64_t e, void* s) {
+    Kernel<D>::merge_tiles(p, plan, b, e, s);
+  }
+};
+
+size_t scratch_bytes(const Problem& p, const Plan&) { return by_dtype<ScratchBytes>(p.dtype, p); }
+void run_items(const Problem& p, const Plan& plan, int64_t b, int64_t e, void* s) {
+  by_dtype<RunItems>(p.dtype, p, plan, b, e, s);
+}
+void merge_tiles(const Problem& p, const Plan& plan, int64_t b, int64_t e, void* s) {
+  by_dtype<MergeTiles>(p.dtype, p, plan, b, e, s);
+}
+
+#define SDPA_STR2(x) #x
+#define SDPA_STR(x) SDPA_STR2(x)
+const KernelTable kTable = {
+    kAbiVersion, SDPA_ISA_NAME,
+    "compiler " __VERSION__ "; flags " SDPA_COMPILE_INFO "; Eigen " SDPA_STR(
+        EIGEN_WORLD_VERSION) "." SDPA_STR(EIGEN_MAJOR_VERSION) "." SDPA_STR(EIGEN_MINOR_VERSION),
+    scratch_bytes, run_items, merge_tiles};
+
+}  // namespace
+
+const KernelTable* kernel_table() { return &kTable; }
+
+}  // namespace sdpa

@@ -1,0 +1,32 @@
+"""sdpa: fast, flash-style scaled dot-product attention for NumPy on the CPU.
+
+>>> import numpy as np, sdpa
+>>> q = k = v = np.ones((2, 4, 8), np.float32)
+>>> sdpa.scaled_dot_product_attention(q, k, v).shape
+(2, 4, 8)
+"""
+
+from __future__ import annotations
+
+try:
+    from . import _core
+except ImportError as e:  # pragma: no cover - depends on how the package was installed
+    raise ImportError(
+        "sdpa's compiled extension (sdpa._core) could not be imported. Install sdpa with "
+        "`pip install .` from the source tree (an editable or source-tree import has no compiled "
+        f"modules). Original error: {e}"
+    ) from e
+
+from . import reference
+from ._config import get_num_threads, set_num_threads, show_config
+from ._version import __version__
+from .api import scaled_dot_product_attention
+
+__all__ = [
+    "__version__",
+    "get_num_threads",
+    "reference",
+    "scaled_dot_product_attention",
+    "set_num_threads",
+    "show_config",
+]
