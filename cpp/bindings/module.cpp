@@ -5,8 +5,11 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "../src/cpu.hpp"
 #include "../src/driver.hpp"
@@ -18,6 +21,22 @@ namespace py = pybind11;
 namespace {
 
 using sdpa::View;
+
+// Whether the memory spans of two arrays may intersect (a cheap bounds test, like NumPy's
+// may_share_memory).
+bool may_overlap(const py::array& a, const py::array& b) {
+  auto span = [](const py::array& x) {
+    auto lo = reinterpret_cast<intptr_t>(x.data()), hi = lo;
+    for (py::ssize_t d = 0; d < x.ndim(); ++d) {
+      if (x.shape(d) == 0) return std::pair<intptr_t, intptr_t>(0, 0);
+      const intptr_t ext = (x.shape(d) - 1) * x.strides(d);
+      (ext < 0 ? lo : hi) += ext;
+    }
+    return std::pair<intptr_t, intptr_t>(lo, hi + x.itemsize());
+  };
+  const auto sa = span(a), sb = span(b);
+  return sa.first < sb.second && sb.first < sa.second;
+}
 
 // Fills `view` from `a`, whose shape is (batch..., core...) with `core` trailing dims (0, 1 or 2).
 View make_view(const py::array& a, const char* name, int nbatch, int core, size_t itemsize) {
@@ -119,6 +138,92 @@ void attention(const py::array& q, const py::array& k, const py::array& v, py::a
   sdpa::run(p);
 }
 
+// The direct route for the most common call: q, k, v plain aligned native ndarrays of one dtype
+// (float16/32/64) with identical batch shapes, no mask or variant, `out` absent or exactly right
+// and not overlapping the inputs. It returns None to decline anything else, leaving every check,
+// broadcast and error message to the Python layer; it exists because that layer's generality costs
+// tens of microseconds per call, which dominates small problems (see benchmarks/NOTES.md).
+py::object attention_fast(py::handle q_obj, py::handle k_obj, py::handle v_obj,
+                          py::handle out_obj, bool causal, py::handle scale_obj) {
+  static const py::handle ndarray_type =
+      py::object(py::module_::import("numpy").attr("ndarray")).release();
+  auto plain = [&](py::handle h) { return py::type::handle_of(h).is(ndarray_type); };
+  if (!plain(q_obj) || !plain(k_obj) || !plain(v_obj)) return py::none();
+  const auto q = py::reinterpret_borrow<py::array>(q_obj);
+  const auto k = py::reinterpret_borrow<py::array>(k_obj);
+  const auto v = py::reinterpret_borrow<py::array>(v_obj);
+  const py::dtype dt = q.dtype();
+  int code;
+  switch (dt.num()) {
+    case py::detail::npy_api::NPY_FLOAT_: code = 2; break;
+    case py::detail::npy_api::NPY_DOUBLE_: code = 3; break;
+    case 23 /* NPY_HALF */: code = 0; break;
+    default: return py::none();
+  }
+  const py::ssize_t nd = q.ndim();
+  if (nd < 2 || nd > sdpa::kMaxBatchDims + 1 || k.ndim() != nd || v.ndim() != nd)
+    return py::none();
+  if (!k.dtype().is(dt) && !k.dtype().equal(dt)) return py::none();
+  if (!v.dtype().is(dt) && !v.dtype().equal(dt)) return py::none();
+  if (dt.byteorder() == '>') return py::none();
+  const int aligned = py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+  if (!(q.flags() & aligned) || !(k.flags() & aligned) || !(v.flags() & aligned))
+    return py::none();
+  const int nb = static_cast<int>(nd) - 2;
+  for (int d = 0; d < nb; ++d)
+    if (k.shape(d) != q.shape(d) || v.shape(d) != q.shape(d)) return py::none();
+  const py::ssize_t L = q.shape(nb), E = q.shape(nb + 1), S = k.shape(nb), Ev = v.shape(nb + 1);
+  if (k.shape(nb + 1) != E || v.shape(nb) != S) return py::none();
+
+  double scale;
+  if (scale_obj.is_none()) {
+    scale = E > 0 ? 1.0 / std::sqrt(static_cast<double>(E)) : 1.0;
+  } else {
+    if (!PyFloat_CheckExact(scale_obj.ptr())) return py::none();
+    scale = PyFloat_AS_DOUBLE(scale_obj.ptr());
+    if (!std::isfinite(scale)) return py::none();
+  }
+
+  std::vector<py::ssize_t> out_shape(q.shape(), q.shape() + nd);
+  out_shape[nb + 1] = Ev;
+  py::array out;
+  if (out_obj.is_none()) {
+    out = py::array(dt, out_shape);
+  } else {
+    if (!plain(out_obj)) return py::none();
+    out = py::reinterpret_borrow<py::array>(out_obj);
+    if (!out.dtype().equal(dt) || out.ndim() != nd || !out.writeable() ||
+        !(out.flags() & aligned))
+      return py::none();
+    for (py::ssize_t d = 0; d < nd; ++d)
+      if (out.shape(d) != out_shape[d]) return py::none();
+    for (const py::array* a : {&q, &k, &v})
+      if (may_overlap(out, *a)) return py::none();
+  }
+
+  sdpa::Problem p;
+  p.dtype = static_cast<sdpa::DType>(code);
+  p.nbatch = nb + 1;  // plus the group dim G = 1
+  for (int d = 0; d < nb; ++d) p.batch_shape[d] = q.shape(d);
+  p.batch_shape[nb] = 1;
+  p.L = L;
+  p.S = S;
+  p.E = E;
+  p.Ev = Ev;
+  const size_t isz = static_cast<size_t>(dt.itemsize());
+  p.q = make_view(q, "query", nb, 2, isz);
+  p.k = make_view(k, "key", nb, 2, isz);
+  p.v = make_view(v, "value", nb, 2, isz);
+  p.out = make_view(out, "out", nb, 2, isz);
+  p.scale = scale;
+  p.causal = causal;
+  {
+    py::gil_scoped_release release;
+    sdpa::run(p);
+  }
+  return std::move(out);
+}
+
 void set_kernel(const py::capsule& cap) {
   if (std::string(cap.name() ? cap.name() : "") != sdpa::kKernelCapsuleName)
     throw std::invalid_argument("not an sdpa kernel capsule");
@@ -162,6 +267,7 @@ extern "C" __attribute__((visibility("default"))) void sdpa_set_num_threads(int 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "sdpa driver and binding (baseline instructions; kernels live in _kernel_<isa>)";
   m.def("attention", &attention);
+  m.def("attention_fast", &attention_fast);
   m.def("set_kernel", &set_kernel);
   m.def("kernel_info", &kernel_info);
   m.def("cpu_features", &cpu_features);

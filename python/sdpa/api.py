@@ -163,6 +163,19 @@ def scaled_dot_product_attention(
     restriction (bool mask, causal, window, kv_lengths) removes keys. A query row left with no
     key to attend to gets output 0 (never NaN) and lse -inf.
     """
+    if (
+        attn_mask is None
+        and not enable_gqa
+        and not return_lse
+        and window is None
+        and alibi_slopes is None
+        and softcap is None
+        and kv_lengths is None
+        and alignment == "top_left"
+    ):
+        result = _core.attention_fast(query, key, value, out, bool(is_causal), scale)
+        if result is not None:
+            return result
     q = _as_operand(query, "query")
     k = _as_operand(key, "key")
     v = _as_operand(value, "value")

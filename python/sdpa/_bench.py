@@ -1,0 +1,283 @@
+"""`python -m sdpa bench`: the project's benchmark suite (never a timed test).
+
+Per shape it prints sdpa's GFLOP/s (4*B*Hq*L*S*E, halved for causal L == S), that rate as a
+fraction of the machine's fp32 GEMM rate measured in the same run (NumPy matmul 2048^3), and the
+speed ratio against naive NumPy and against PyTorch's CPU scaled_dot_product_attention when
+PyTorch is installed. Decode-like shapes also report the K/V read bandwidth, next to the machine's
+copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    B: int
+    Hq: int
+    Hkv: int
+    L: int
+    S: int
+    E: int
+    causal: bool = False
+    window: tuple[int | None, int | None] | None = None
+
+    @property
+    def flops(self) -> float:
+        f = 4.0 * self.B * self.Hq * self.L * self.S * self.E
+        if self.causal and self.L == self.S:
+            f /= 2
+        return f
+
+    @property
+    def kv_bytes(self) -> float:
+        return 2.0 * self.B * self.Hkv * self.S * self.E * 4
+
+
+SUITE = [
+    Shape("seed", 1, 1, 1, 3, 3, 3),
+    Shape("bert", 1, 12, 12, 128, 128, 64),
+    Shape("bert-batch", 8, 12, 12, 512, 512, 64),
+    Shape("vit", 16, 12, 12, 197, 197, 64),
+    Shape("llm-prefill", 1, 32, 32, 2048, 2048, 128, causal=True),
+    Shape("gqa-prefill", 1, 32, 8, 2048, 2048, 128, causal=True),
+    Shape("long", 1, 8, 8, 8192, 8192, 64),
+    Shape("decode", 4, 32, 8, 1, 4096, 128),
+]
+QUICK = ("seed", "bert", "vit", "gqa-prefill", "decode")
+
+
+def _median_time(fn: Callable[[], Any], budget: float, min_reps: int = 3) -> float:
+    """Median seconds per call of fn, after one warm-up call, within about `budget` seconds."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget and len(times) < 10000):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _gemm_rate(budget: float) -> float:
+    n = 2048
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    c = np.empty((n, n), np.float32)
+    return 2.0 * n**3 / _median_time(lambda: np.matmul(a, b, out=c), budget) / 1e9
+
+
+def _torch_gemm_rate(budget: float) -> float | None:
+    """The same GEMM through PyTorch (MKL/oneDNN), often faster than NumPy's BLAS."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    a = torch.randn(2048, 2048)
+    b = torch.randn(2048, 2048)
+    c = torch.empty(2048, 2048)
+    return 2.0 * 2048**3 / _median_time(lambda: torch.mm(a, b, out=c), budget) / 1e9
+
+
+def _copy_bandwidth(budget: float) -> float:
+    """GB/s of a large array copy (read + write counted), as a memory-bandwidth yardstick."""
+    src = np.ones(64 * 2**20 // 4 * 4, np.float32)  # 256 MiB
+    dst = np.empty_like(src)
+    return 2.0 * src.nbytes / _median_time(lambda: np.copyto(dst, src), budget) / 1e9
+
+
+def _naive(q: np.ndarray, k: np.ndarray, v: np.ndarray, shape: Shape) -> np.ndarray:
+    """Textbook NumPy attention: the full L x S matrix, as a user would write it."""
+    g = shape.Hq // shape.Hkv
+    if g > 1:
+        k = np.repeat(k, g, axis=1)
+        v = np.repeat(v, g, axis=1)
+    s = (q @ k.swapaxes(-1, -2)) * np.float32(1.0 / math.sqrt(shape.E))
+    if shape.causal:
+        s = np.where(np.tri(shape.L, shape.S, shape.S - shape.L, dtype=bool), s, -np.inf)
+    s = np.exp(s - s.max(axis=-1, keepdims=True))
+    s /= s.sum(axis=-1, keepdims=True)
+    return s @ v
+
+
+def _torch_fn(q: np.ndarray, k: np.ndarray, v: np.ndarray, shape: Shape) -> Callable[[], Any] | None:
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    if shape.window is not None:
+        return None
+    tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+    kwargs: dict[str, Any] = {"is_causal": shape.causal}
+    if shape.Hq != shape.Hkv:
+        kwargs["enable_gqa"] = True
+
+    def run() -> Any:
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(tq, tk, tv, **kwargs)
+
+    return run
+
+
+def run_suite(names: list[str], threads: int, budget: float, with_naive: bool) -> dict[str, Any]:
+    import sdpa
+
+    sdpa.set_num_threads(threads)
+    torch_version = None
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        torch_version = torch.__version__
+    except ImportError:
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+
+        limits: Any = threadpool_limits(limits=threads)
+    except ImportError:
+        limits = None
+
+    gemm = _gemm_rate(budget)
+    torch_gemm = _torch_gemm_rate(budget)
+    bandwidth = _copy_bandwidth(budget)
+    rows = []
+    rng = np.random.default_rng(0)
+    for shape in SUITE:
+        if shape.name not in names:
+            continue
+        q = rng.standard_normal((shape.B, shape.Hq, shape.L, shape.E), dtype=np.float32)
+        k = rng.standard_normal((shape.B, shape.Hkv, shape.S, shape.E), dtype=np.float32)
+        v = rng.standard_normal((shape.B, shape.Hkv, shape.S, shape.E), dtype=np.float32)
+        out = np.empty_like(q)
+        gqa = shape.Hq != shape.Hkv
+
+        def ours(q=q, k=k, v=v, out=out, shape=shape, gqa=gqa) -> Any:
+            return sdpa.scaled_dot_product_attention(
+                q, k, v, is_causal=shape.causal, enable_gqa=gqa, out=out, window=shape.window
+            )
+
+        t_ours = _median_time(ours, budget)
+        row: dict[str, Any] = {
+            "shape": shape.name,
+            "dims": asdict(shape),
+            "sdpa_ms": t_ours * 1e3,
+            "gflops": shape.flops / t_ours / 1e9,
+        }
+        row["gemm_fraction"] = row["gflops"] / gemm
+        if torch_gemm:
+            row["torch_gemm_fraction"] = row["gflops"] / torch_gemm
+        if shape.L <= 16:
+            row["kv_gbps"] = shape.kv_bytes / t_ours / 1e9
+        if with_naive and shape.window is None:
+            t_naive = _median_time(lambda q=q, k=k, v=v, shape=shape: _naive(q, k, v, shape), budget, 1)
+            row["naive_ms"] = t_naive * 1e3
+            row["vs_naive"] = t_naive / t_ours
+        tfn = _torch_fn(q, k, v, shape)
+        if tfn is not None:
+            t_torch = _median_time(tfn, budget)
+            row["torch_ms"] = t_torch * 1e3
+            row["vs_torch"] = t_torch / t_ours
+        rows.append(row)
+        _print_row(row)
+    if limits is not None:
+        limits.restore_original_limits()
+    return {
+        "machine": _machine(),
+        "threads": threads,
+        "isa": sdpa._config.isa(),
+        "sdpa_version": sdpa.__version__,
+        "torch_version": torch_version,
+        "gemm_gflops": gemm,
+        "torch_gemm_gflops": torch_gemm,
+        "copy_gbps": bandwidth,
+        "rows": rows,
+    }
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs"
+
+
+_HEADER = (
+    f"{'shape':<12} {'sdpa ms':>9} {'GFLOP/s':>8} {'of GEMM':>8} {'of tGEMM':>9} {'vs naive':>9} "
+    f"{'vs torch':>9} {'KV GB/s':>8}"
+)
+
+
+def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0) + len(suffix)
+    return f"{'-':>{width}}" if value is None else format(value, spec) + suffix
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    print(
+        f"{row['shape']:<12} {row['sdpa_ms']:>9.3f} {row['gflops']:>8.1f} "
+        f"{row['gemm_fraction']:>8.0%} {_fmt(row.get('torch_gemm_fraction'), '>9.0%')} "
+        f"{_fmt(row.get('vs_naive'), '>8.2f', 'x')} {_fmt(row.get('vs_torch'), '>8.2f', 'x')} "
+        f"{_fmt(row.get('kv_gbps'), '>8.1f')}",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdpa bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a fast subset with short timings")
+    parser.add_argument("--threads", type=int, default=None, help="threads (default: sdpa's)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--shapes", help="comma-separated shape names to run")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive NumPy timings")
+    args = parser.parse_args(argv)
+
+    import sdpa
+
+    threads = args.threads or sdpa.get_num_threads()
+    names = [s.name for s in SUITE]
+    if args.shapes:
+        names = [n.strip() for n in args.shapes.split(",")]
+        unknown = sorted(set(names) - {s.name for s in SUITE})
+        if unknown:
+            parser.error(f"unknown shapes: {', '.join(unknown)}")
+    elif args.quick:
+        names = list(QUICK)
+    budget = 0.3 if args.quick else 1.5
+    print(f"sdpa {sdpa.__version__} bench: {_machine()}; {threads} threads; isa {sdpa._config.isa()}")
+    print(_HEADER, flush=True)
+    result = run_suite(names, threads, budget, with_naive=not args.no_naive)
+    print(
+        f"machine: fp32 GEMM 2048^3: NumPy {result['gemm_gflops']:.1f} GFLOP/s ('of GEMM'), "
+        f"PyTorch {_fmt(result['torch_gemm_gflops'], '.1f')} GFLOP/s ('of tGEMM'); "
+        f"copy bandwidth {result['copy_gbps']:.1f} GB/s; torch {result['torch_version'] or 'absent'}"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
