@@ -259,12 +259,12 @@ def scaled_dot_product_attention(
                 f"key and value must have the same number of heads (dim -3); got key {k.shape}, "
                 f"value {v.shape}"
             )
-        if hkv == 0 or hq % hkv != 0:
+        if (hq % hkv != 0) if hkv else hq != 0:
             raise ValueError(
                 f"enable_gqa=True: query heads (dim -3, Hq={hq}) must be a multiple of key/value "
                 f"heads (Hkv={hkv}); got query {q.shape}, key {k.shape}"
             )
-        groups = hq // hkv
+        groups = hq // hkv if hkv else 1
         if mask_batch and mask_batch[-1] not in (1, hq):
             raise ValueError(
                 f"attn_mask of shape {mask.shape} does not broadcast over {hq} query heads "  # type: ignore[union-attr]

@@ -1,0 +1,148 @@
+"""Plain attention (no mask) against the reference: shapes at block edges, batch dims, scale."""
+
+import numpy as np
+import pytest
+from conftest import check
+
+import sdpa
+
+# (L, S, E, Ev): every L and S in 1, 3, 17, 63, 64, 65, 127, 129, 1000 appears, next to the key
+# block edges (255, 256, 257, 513) and E != Ev; not the full cross product.
+SHAPES = [
+    (1, 1, 1, 1),
+    (1, 1000, 64, 64),
+    (3, 17, 8, 5),
+    (17, 3, 5, 8),
+    (63, 64, 16, 16),
+    (64, 63, 32, 7),
+    (64, 64, 64, 64),
+    (65, 65, 17, 33),
+    (127, 129, 24, 24),
+    (129, 127, 3, 40),
+    (1000, 1, 7, 9),
+    (1000, 65, 16, 12),
+    (17, 1000, 128, 64),
+    (65, 255, 32, 32),
+    (63, 256, 16, 20),
+    (129, 257, 20, 16),
+    (3, 513, 40, 8),
+    (1000, 1000, 32, 32),
+]
+
+
+def shape_id(shape):
+    return "L{}-S{}-E{}-Ev{}".format(*shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_shapes_float32(isa, rng, shape):
+    L, S, E, Ev = shape
+    q = rng.standard_normal((2, L, E), dtype=np.float32)
+    k = rng.standard_normal((2, S, E), dtype=np.float32)
+    v = rng.standard_normal((2, S, Ev), dtype=np.float32)
+    check(q, k, v)
+
+
+@pytest.mark.parametrize("shape", SHAPES[::3], ids=shape_id)
+def test_shapes_float64(isa, rng, shape):
+    L, S, E, Ev = shape
+    q = rng.standard_normal((L, E))
+    k = rng.standard_normal((S, E))
+    v = rng.standard_normal((S, Ev))
+    check(q, k, v)
+
+
+@pytest.mark.parametrize(
+    "q_batch,kv_batch",
+    [
+        ((), ()),
+        ((4,), (4,)),
+        ((2, 3), (2, 3)),
+        ((2, 3, 2), (2, 3, 2)),
+        ((2, 1, 3), (1, 4, 3)),
+        ((2, 3), (3,)),
+        ((3,), (2, 3)),
+        ((2, 3), (1, 1)),
+        ((1,), (5,)),
+        ((2, 1), (1, 3)),
+        ((2, 1, 2, 1, 2), (1, 2, 1, 2, 1)),
+    ],
+    ids=lambda b: "x".join(map(str, b)) or "none",
+)
+def test_batch_dims_and_broadcasting(isa, rng, q_batch, kv_batch):
+    q = rng.standard_normal((*q_batch, 19, 8), dtype=np.float32)
+    k = rng.standard_normal((*kv_batch, 70, 8), dtype=np.float32)
+    v = rng.standard_normal((*kv_batch, 70, 6), dtype=np.float32)
+    out = check(q, k, v)
+    assert out.shape == np.broadcast_shapes(q_batch, kv_batch) + (19, 6)
+
+
+def test_key_and_value_batch_dims_broadcast_separately(isa, rng):
+    q = rng.standard_normal((2, 3, 9, 4), dtype=np.float32)
+    k = rng.standard_normal((3, 11, 4), dtype=np.float32)
+    v = rng.standard_normal((2, 1, 11, 5), dtype=np.float32)
+    assert check(q, k, v).shape == (2, 3, 9, 5)
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0, 1e-3, 10.0, -0.7], ids=lambda s: f"scale{s}")
+def test_custom_scale(isa, rng, scale):
+    q = rng.standard_normal((2, 33, 16), dtype=np.float32)
+    k = rng.standard_normal((2, 70, 16), dtype=np.float32)
+    v = rng.standard_normal((2, 70, 16), dtype=np.float32)
+    out = check(q, k, v, scale=scale)
+    default = sdpa.scaled_dot_product_attention(q, k, v)
+    assert not np.allclose(out, default)
+
+
+def test_scale_zero_gives_uniform_weights(isa, rng):
+    q = rng.standard_normal((5, 8))
+    k = rng.standard_normal((300, 8))
+    v = rng.standard_normal((300, 3))
+    out = check(q, k, v, scale=0.0)
+    np.testing.assert_allclose(out, np.broadcast_to(v.mean(axis=0), out.shape), atol=1e-12)
+
+
+def test_default_scale_is_inverse_sqrt_e(isa, rng):
+    q = rng.standard_normal((3, 20, 25))
+    k = rng.standard_normal((3, 40, 25))
+    v = rng.standard_normal((3, 40, 4))
+    np.testing.assert_allclose(
+        sdpa.scaled_dot_product_attention(q, k, v),
+        sdpa.scaled_dot_product_attention(q, k, v, scale=0.2),
+        rtol=1e-13,
+        atol=1e-15,
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_large_scores_do_not_overflow(isa, rng, dtype):
+    # scores up to ~3e4 overflow exp() unless the running max is subtracted; integer-valued
+    # inputs keep q.k exact in float32, so the problem stays well conditioned
+    q = (200 * rng.integers(-3, 4, (2, 70, 16))).astype(dtype)
+    k = rng.integers(-3, 4, (2, 300, 16)).astype(dtype)
+    v = rng.standard_normal((2, 300, 8)).astype(dtype)
+    out = check(q, k, v, scale=1.0)
+    assert np.all(np.isfinite(out))
+
+
+def test_value_rows_are_reproduced_by_one_hot_attention(isa):
+    # each query matches exactly one key with a huge score: the output is that key's value row
+    S = 300
+    k = np.eye(S, dtype=np.float32)
+    v = np.arange(S * 2, dtype=np.float32).reshape(S, 2)
+    rows = np.array([0, 7, 255, 256, 299])
+    q = 1000.0 * np.eye(S, dtype=np.float32)[rows]
+    out = sdpa.scaled_dot_product_attention(q, k, v, scale=1.0)
+    np.testing.assert_allclose(out, v[rows], rtol=1e-6, atol=1e-6)
+
+
+def test_returns_new_array_and_leaves_inputs_untouched(isa, rng):
+    q = rng.standard_normal((2, 5, 4), dtype=np.float32)
+    k = rng.standard_normal((2, 6, 4), dtype=np.float32)
+    v = rng.standard_normal((2, 6, 3), dtype=np.float32)
+    copies = [x.copy() for x in (q, k, v)]
+    out = sdpa.scaled_dot_product_attention(q, k, v)
+    for x, c in zip((q, k, v), copies):
+        np.testing.assert_array_equal(x, c)
+    assert isinstance(out, np.ndarray) and out.flags.writeable
+    assert not any(np.shares_memory(out, x) for x in (q, k, v))
