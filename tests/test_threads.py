@@ -182,3 +182,17 @@ def test_fork_via_multiprocessing_pool(rng, restore_threads):
             )
     for r in results:
         assert np.array_equal(r, expected)
+
+
+def test_threadpoolctl_controls_the_pool(restore_threads):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    sdpa.set_num_threads(2)
+    entries = [i for i in threadpool_info() if i["user_api"] == "sdpa"]
+    assert len(entries) == 1 and entries[0]["num_threads"] == 2
+    with threadpool_limits(limits=1, user_api="sdpa"):
+        assert sdpa.get_num_threads() == 1
+    assert sdpa.get_num_threads() == 2
+    with threadpool_limits(limits=1):  # all pools, BLAS and sdpa alike
+        assert sdpa.get_num_threads() == 1
+    assert sdpa.get_num_threads() == 2

@@ -64,13 +64,14 @@ void check_batch(const py::array& a, const char* name, const sdpa::Problem& p) {
       throw std::invalid_argument(std::string(name) + ": batch shape differs from query's");
 }
 
-// attention(q, k, v, out, mask, lse, alibi, kv_length, dtype, mask_kind, scale, softcap, causal,
-//           bottom_right, window_left, window_right)
+// attention(q, k, v, out, mask, lse, alibi, kv_length, weights, dtype, mask_kind, scale, softcap,
+//           causal, bottom_right, window_left, window_right)
 // q (B..., G, L, E), k (B..., G, S, E), v (B..., G, S, Ev), out (B..., G, L, Ev), mask
-// (B..., G, L, S) or None, lse (B..., G, L) or None, alibi and kv_length (B..., G) or None.
+// (B..., G, L, S) or None, lse (B..., G, L) or None, alibi and kv_length (B..., G) or None,
+// weights (B..., G, L, S) or None.
 void attention(const py::array& q, const py::array& k, const py::array& v, py::array& out,
                const py::object& mask, const py::object& lse, const py::object& alibi,
-               const py::object& kv_length, int dtype, int mask_kind, double scale,
+               const py::object& kv_length, const py::object& weights, int dtype, int mask_kind, double scale,
                double softcap, bool causal, bool bottom_right, int64_t window_left,
                int64_t window_right) {
   sdpa::Problem p;
@@ -126,6 +127,14 @@ void attention(const py::array& q, const py::array& k, const py::array& v, py::a
     const auto a = py::array(kv_length);
     p.kv_length = make_view(a, "kv_lengths", nbatch, 0, 8);
     check_batch(a, "kv_lengths", p);
+  }
+  if (!weights.is_none()) {
+    auto a = py::array(weights);
+    if (!a.writeable()) throw std::invalid_argument("weights: not writeable");
+    p.weights = make_view(a, "weights", nbatch, 2, isz);
+    check_batch(a, "weights", p);
+    if (a.shape(nbatch) != p.L || a.shape(nbatch + 1) != p.S)
+      throw std::invalid_argument("weights: core dims differ from (L, S)");
   }
   p.scale = scale;
   p.softcap = softcap;

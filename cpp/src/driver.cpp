@@ -58,7 +58,7 @@ Plan make_plan(const Problem& p) {
   const int64_t tiles = plan.n_outer * plan.n_row_tiles;
   plan.n_splits = 1;
   plan.split_len = p.S;
-  if (tiles > 0 && tiles < kTargetItems && p.S >= 2 * kMinSplitKeys) {
+  if (tiles > 0 && tiles < kTargetItems && p.S >= 2 * kMinSplitKeys && !p.weights.data) {
     const int64_t want = std::min(ceil_div(kTargetItems, tiles), p.S / kMinSplitKeys);
     plan.split_len = ceil_div(ceil_div(p.S, want), kKeyBlock) * kKeyBlock;
     plan.n_splits = ceil_div(p.S, plan.split_len);

@@ -20,10 +20,11 @@ except ImportError as e:  # pragma: no cover - depends on how the package was in
 from . import reference
 from ._config import get_num_threads, set_num_threads, show_config
 from ._version import __version__
-from .api import scaled_dot_product_attention
+from .api import attention_weights, scaled_dot_product_attention
 
 __all__ = [
     "__version__",
+    "attention_weights",
     "get_num_threads",
     "reference",
     "scaled_dot_product_attention",

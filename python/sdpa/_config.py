@@ -143,6 +143,40 @@ def show_config() -> dict[str, Any]:
     return config
 
 
+def _register_threadpoolctl() -> None:
+    """Let ``threadpoolctl.threadpool_limits`` control sdpa's pool as it controls BLAS/OpenMP.
+
+    threadpoolctl (>= 3.5) finds a registered controller's library among the loaded shared
+    objects by file name and talks to it through C symbols; _core exports
+    ``sdpa_get_num_threads`` / ``sdpa_set_num_threads`` for that.
+    """
+    try:
+        import threadpoolctl
+    except ImportError:
+        return
+    if not hasattr(threadpoolctl, "register") or not hasattr(threadpoolctl, "LibController"):
+        return
+
+    class SdpaController(threadpoolctl.LibController):  # type: ignore[misc,name-defined]
+        user_api = "sdpa"
+        internal_api = "sdpa"
+        filename_prefixes = ("_core",)
+        check_symbols = ("sdpa_get_num_threads", "sdpa_set_num_threads")
+
+        def get_num_threads(self) -> int:
+            return int(self.dynlib.sdpa_get_num_threads())
+
+        def set_num_threads(self, num_threads: int) -> None:
+            self.dynlib.sdpa_set_num_threads(int(num_threads))
+
+        def get_version(self) -> str:
+            from . import __version__
+
+            return __version__
+
+    threadpoolctl.register(SdpaController)
+
+
 def _init() -> None:
     requested = os.environ.get("SDPA_ISA", "").strip()
     if requested:
@@ -150,6 +184,7 @@ def _init() -> None:
     else:
         set_isa(available_isas()[0])
     _core.set_num_threads(_threads_from_env())
+    _register_threadpoolctl()
 
 
 _init()

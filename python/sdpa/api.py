@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["scaled_dot_product_attention"]
+__all__ = ["attention_weights", "scaled_dot_product_attention"]
 
 _DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
 _ACCEPTED = "float16, bfloat16 (ml_dtypes), float32 or float64"
@@ -176,6 +176,52 @@ def scaled_dot_product_attention(
         result = _core.attention_fast(query, key, value, out, bool(is_causal), scale)
         if result is not None:
             return result
+    result, lse, _ = _attention(
+        query, key, value, attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+        out=out, alignment=alignment, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+        kv_lengths=kv_lengths, want_lse=return_lse, want_weights=False,
+    )
+    return (result, lse) if return_lse else result
+
+
+def attention_weights(
+    query: Any,
+    key: Any,
+    attn_mask: Any = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    alignment: str = "top_left",
+    window: tuple[int | None, int | None] | None = None,
+    alibi_slopes: Any = None,
+    softcap: float | None = None,
+    kv_lengths: Any = None,
+) -> np.ndarray:
+    """The attention probabilities ``softmax(scores)``, shape (..., L, S).
+
+    Takes the arguments of :func:`scaled_dot_product_attention` (without `value`) with the same
+    meaning; the dtype is ``np.result_type(query, key)``. Each row sums to 1, or is all 0 for a
+    query row left with no key. Unlike the attention output, this materialises the L x S matrix
+    (it is the result); the kernel computes it blockwise in two passes (row max and sum, then the
+    probabilities).
+    """
+    k = _as_operand(key, "key")
+    value = np.empty(k.shape[:-1] + (0,), k.dtype)
+    _, _, weights = _attention(
+        query, k, value, attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+        out=None, alignment=alignment, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+        kv_lengths=kv_lengths, want_lse=False, want_weights=True,
+    )
+    return weights
+
+
+def _attention(
+    query: Any, key: Any, value: Any, attn_mask: Any, *, is_causal: bool, scale: Any,
+    enable_gqa: bool, out: Any, alignment: str, window: Any, alibi_slopes: Any, softcap: Any,
+    kv_lengths: Any, want_lse: bool, want_weights: bool,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Checks, broadcasting and dtype policy shared by the public functions; runs the core."""
     q = _as_operand(query, "query")
     k = _as_operand(key, "key")
     v = _as_operand(value, "value")
@@ -327,19 +373,20 @@ def scaled_dot_product_attention(
         or any(np.may_share_memory(out, a) for a in inputs)
     ):
         target = np.empty(out_shape, dtype)
-    lse = np.empty(batch + (L,), acc_dtype) if return_lse else None
+    lse = np.empty(batch + (L,), acc_dtype) if want_lse else None
+    weights = np.empty(batch + (L, S), dtype) if want_weights else None
 
-    if target.size or (lse is not None and lse.size):
-        _run(q, k, v, mask, mask_kind, target, lse, alibi, lengths, dtype, batch, outer, groups,
-             scale_value, softcap_value, is_causal, alignment, window_left, window_right)
+    if any(a is not None and a.size for a in (target, lse, weights)):
+        _run(q, k, v, mask, mask_kind, target, lse, weights, alibi, lengths, dtype, batch, outer,
+             groups, scale_value, softcap_value, is_causal, alignment, window_left, window_right)
     if out is not None and target is not out:
         out[...] = target
     result = out if out is not None else target
-    return (result, lse) if return_lse else result
+    return result, lse, weights
 
 
-def _run(q, k, v, mask, mask_kind, target, lse, alibi, lengths, dtype, batch, outer, groups,
-         scale, softcap, is_causal, alignment, window_left, window_right) -> None:  # type: ignore[no-untyped-def]
+def _run(q, k, v, mask, mask_kind, target, lse, weights, alibi, lengths, dtype, batch, outer,  # type: ignore[no-untyped-def]
+         groups, scale, softcap, is_causal, alignment, window_left, window_right) -> None:
     """Lay every operand out as (outer..., heads, G, ...) views and call the core."""
     L, E = q.shape[-2:]
     S, Ev = k.shape[-2], v.shape[-1]
@@ -362,8 +409,9 @@ def _run(q, k, v, mask, mask_kind, target, lse, alibi, lengths, dtype, batch, ou
     ov = query_side(target, (L, Ev))
     mv = None if mask is None else query_side(mask, (L, S))
     lv = None if lse is None else query_side(lse, (L,))
+    wv = None if weights is None else query_side(weights, (L, S))
     av = None if alibi is None else query_side(alibi, ())
     kl = None if lengths is None else query_side(lengths, ())
-    _core.attention(qv, kv, vv, ov, mv, lv, av, kl, _DTYPE_CODES[dtype.name], mask_kind,
+    _core.attention(qv, kv, vv, ov, mv, lv, av, kl, wv, _DTYPE_CODES[dtype.name], mask_kind,
                     scale, softcap, bool(is_causal), alignment == "bottom_right",
                     window_left, window_right)

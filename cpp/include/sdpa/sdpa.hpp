@@ -12,7 +12,7 @@ namespace sdpa {
 
 // Bumped whenever Problem, Plan or KernelTable change layout; the driver refuses a kernel
 // module built against another version.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 // Leading (batch) dims after broadcasting. The last batch dim is always the GQA group dim G:
 // query heads that share one key/value head (G = 1 without GQA; K/V have stride 0 along it).
@@ -58,6 +58,10 @@ struct Problem {
   View kv_length;  // (batch, G) int64; data == nullptr when absent
 
   View lse;  // (batch, G, L) in the compute type (f32 or f64); data == nullptr when absent
+
+  // (batch, G, L, S) in the storage type: when present, the kernel also writes the attention
+  // probabilities (a second pass over the keys once each row's max and sum are known).
+  View weights;
 };
 
 // How the driver split the work; computed from the shape only, never from the thread count,

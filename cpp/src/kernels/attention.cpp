@@ -73,7 +73,7 @@ inline size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 // What each query row of the tile needs, gathered once per tile.
 struct RowInfo {
-  int64_t q_off, out_off, mask_off, lse_off;  // element offsets of the row's start
+  int64_t q_off, out_off, mask_off, lse_off, w_off;  // element offsets of the row's start
   int64_t lo, hi;                             // keys [lo, hi) survive causal/window/kv_length
   int64_t diag;                               // the row's diagonal key (alignment)
   double slope;                               // ALiBi slope (0 when absent)
@@ -121,7 +121,7 @@ struct Scratch {
 
 // Element offsets of one outer (batch) index into every operand.
 struct OuterOffsets {
-  int64_t q = 0, k = 0, v = 0, out = 0, mask = 0, alibi = 0, kv_length = 0, lse = 0;
+  int64_t q = 0, k = 0, v = 0, out = 0, mask = 0, alibi = 0, kv_length = 0, lse = 0, weights = 0;
 };
 
 OuterOffsets outer_offsets(const Problem& p, int64_t outer) {
@@ -138,6 +138,7 @@ OuterOffsets outer_offsets(const Problem& p, int64_t outer) {
     o.alibi += i * p.alibi.batch_stride[d];
     o.kv_length += i * p.kv_length.batch_stride[d];
     o.lse += i * p.lse.batch_stride[d];
+    o.weights += i * p.weights.batch_stride[d];
   }
   return o;
 }
@@ -154,6 +155,7 @@ void describe_rows(const Problem& p, const OuterOffsets& o, int64_t t0, int64_t 
     ri.out_off = o.out + g * p.out.batch_stride[gd] + i * p.out.row_stride;
     ri.mask_off = o.mask + g * p.mask.batch_stride[gd] + i * p.mask.row_stride;
     ri.lse_off = o.lse + g * p.lse.batch_stride[gd] + i * p.lse.row_stride;
+    ri.w_off = o.weights + g * p.weights.batch_stride[gd] + i * p.weights.row_stride;
     ri.diag = i + shift;
     int64_t lo = 0, hi = p.S;
     if (p.causal) hi = std::min(hi, ri.diag + 1);
@@ -250,6 +252,7 @@ struct Kernel {
       const int64_t nk = std::min(kKeyBlock, jhi - j0);
       process_block(p, o, nr, j0, nk, ws, Qt, acc);
     }
+    if (p.weights.data) write_weights(p, o, nr, ws, Qt);
 
     if (plan.n_splits == 1) {
       finish_rows(p, nr, ws);
@@ -266,17 +269,17 @@ struct Kernel {
     }
   }
 
-  static void process_block(const Problem& p, const OuterOffsets& o, int64_t nr, int64_t j0,
-                            int64_t nk, Scratch<T>& ws, const ConstMatMap<T>& Qt,
-                            MatMap<T>& acc) {
+  // Scores of keys [j0, j0 + nk) for the tile's rows into ws.Sb, every score modifier applied
+  // and removed keys at -inf. Returns false (Sb untouched) when no row may attend any of them.
+  static bool score_block(const Problem& p, const OuterOffsets& o, int64_t nr, int64_t j0,
+                          int64_t nk, Scratch<T>& ws, const ConstMatMap<T>& Qt) {
     const RowInfo* rows = ws.rows;
-    // Block entirely outside every row's key range: nothing to do.
     bool any = false, full = true;
     for (int64_t r = 0; r < nr; ++r) {
       any |= rows[r].lo < j0 + nk && rows[r].hi > j0;
       full &= rows[r].lo <= j0 && rows[r].hi >= j0 + nk;
     }
-    if (!any) return;
+    if (!any) return false;
 
     // S_blk (nr x nk) = Q_tile (nr x E) * K_blk^T (E x nk)
     const ConstMatMap<T> Kb = key_side_block<T, Store>(p.k, o.k, j0, nk, p.E, ws.Kc);
@@ -328,6 +331,15 @@ struct Kernel {
       }
     }
 
+    return true;
+  }
+
+  static void process_block(const Problem& p, const OuterOffsets& o, int64_t nr, int64_t j0,
+                            int64_t nk, Scratch<T>& ws, const ConstMatMap<T>& Qt,
+                            MatMap<T>& acc) {
+    if (!score_block(p, o, nr, j0, nk, ws, Qt)) return;
+    MatMap<T> Sb(ws.Sb, nr, nk, Eigen::OuterStride<>(kKeyBlock));
+
     // Online softmax update, row by row (rows of Sb are contiguous).
     bool live = false;
     for (int64_t r = 0; r < nr; ++r) {
@@ -349,6 +361,29 @@ struct Kernel {
     // acc (nr x Ev) += P_blk (nr x nk) * V_blk (nk x Ev)
     const ConstMatMap<T> Vb = key_side_block<T, Store>(p.v, o.v, j0, nk, p.Ev, ws.Vc);
     acc.noalias() += Sb * Vb;
+  }
+
+  // Second pass for attention_weights: with each row's final max m and sum l known, recompute
+  // the scores block by block and write P = exp(s - m) / l over all S keys (0 where removed).
+  static void write_weights(const Problem& p, const OuterOffsets& o, int64_t nr,
+                            Scratch<T>& ws, const ConstMatMap<T>& Qt) {
+    auto* w = static_cast<Store*>(const_cast<void*>(p.weights.data));
+    const int64_t cs = p.weights.col_stride;
+    for (int64_t j0 = 0; j0 < p.S; j0 += kKeyBlock) {
+      const int64_t nk = std::min(kKeyBlock, p.S - j0);
+      const bool scored = score_block(p, o, nr, j0, nk, ws, Qt);
+      for (int64_t r = 0; r < nr; ++r) {
+        T* srow = ws.Sb + r * kKeyBlock;
+        const T l = ws.l[r];
+        if (!scored || !(l > T(0))) {
+          std::fill(srow, srow + nk, T(0));
+        } else {
+          auto a = Eigen::Map<RowVec<T>>(srow, nk).array();
+          a = (a - ws.m[r]).exp() * (T(1) / l);
+        }
+        store_row<T, Store>(w + ws.rows[r].w_off + j0 * cs, srow, nk, cs, T(1));
+      }
+    }
   }
 
   // Writes out = acc / l (0 for a row with no key) and lse = m + log(l) (-inf for such a row).
