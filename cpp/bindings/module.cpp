@@ -281,6 +281,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("kernel_info", &kernel_info);
   m.def("cpu_features", &cpu_features);
   m.def("set_num_threads", &sdpa::set_num_threads);
+  m.def("_set_tiles", &sdpa::set_tiles, "benchmark-only override of (row tile, key block); 0 = default");
   m.def("get_num_threads", &sdpa::get_num_threads);
   m.attr("max_batch_dims") = sdpa::kMaxBatchDims;
   m.attr("binding_info") = "compiler " __VERSION__;

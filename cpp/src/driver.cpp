@@ -14,11 +14,19 @@ namespace {
 
 std::atomic<const KernelTable*> g_kernel{nullptr};
 
+// Tile sizes (the defaults; make_plan may adapt them to the shape):
+//  kRowTile: 64 query rows keep the Q tile, a score block and the accumulator within L2
+//            (64 x 128 x 4 B = 32 KB each at E = 128) and give Eigen's GEMM full panels.
+//  kKeyBlock: 256 keys per block amortise the packing of the Q tile inside each block product
+//            while the score block (64 x 256 x 4 B = 64 KB) stays in L2 (1 MB on Zen 4).
+constexpr int64_t kRowTile = 64;
+constexpr int64_t kKeyBlock = 256;
+// Benchmark-only overrides of the two (0: the defaults); see set_tiles.
+std::atomic<int64_t> g_row_tile{0}, g_key_block{0};
+
 // Split-K engages when a call has fewer (outer x row-tile) items than this, so that decode-like
 // shapes (few query rows, many keys) still spread over the threads. A shape-only rule.
 constexpr int64_t kTargetItems = 64;
-// Each split covers at least this many keys, so that merging costs little next to computing.
-constexpr int64_t kMinSplitKeys = 2 * kKeyBlock;
 // Calls with less work than this (in multiply-adds) run on the caller: waking threads costs more.
 constexpr double kInlineWork = 1 << 16;
 
@@ -40,6 +48,11 @@ size_t dtype_size(const Problem& p) { return p.dtype == DType::f64 ? 8 : 4; }
 
 }  // namespace
 
+void set_tiles(int64_t row_tile, int64_t key_block) {
+  g_row_tile.store(row_tile);
+  g_key_block.store(key_block);
+}
+
 void set_kernel(const KernelTable* table) {
   if (!table || table->abi_version != kAbiVersion)
     throw std::invalid_argument("kernel module was built for another sdpa ABI version");
@@ -53,14 +66,16 @@ Plan make_plan(const Problem& p) {
   plan.n_outer = 1;
   for (int d = 0; d + 1 < p.nbatch; ++d) plan.n_outer *= p.batch_shape[d];
   plan.rows = p.batch_shape[p.nbatch - 1] * p.L;
-  plan.row_tile = kRowTile;
+  plan.row_tile = g_row_tile.load() > 0 ? g_row_tile.load() : kRowTile;
+  plan.key_block = g_key_block.load() > 0 ? g_key_block.load() : kKeyBlock;
   plan.n_row_tiles = ceil_div(plan.rows, plan.row_tile);
   const int64_t tiles = plan.n_outer * plan.n_row_tiles;
   plan.n_splits = 1;
   plan.split_len = p.S;
-  if (tiles > 0 && tiles < kTargetItems && p.S >= 2 * kMinSplitKeys && !p.weights.data) {
-    const int64_t want = std::min(ceil_div(kTargetItems, tiles), p.S / kMinSplitKeys);
-    plan.split_len = ceil_div(ceil_div(p.S, want), kKeyBlock) * kKeyBlock;
+  const int64_t min_split = 2 * plan.key_block;  // merging must cost little next to computing
+  if (tiles > 0 && tiles < kTargetItems && p.S >= 2 * min_split && !p.weights.data) {
+    const int64_t want = std::min(ceil_div(kTargetItems, tiles), p.S / min_split);
+    plan.split_len = ceil_div(ceil_div(p.S, want), plan.key_block) * plan.key_block;
     plan.n_splits = ceil_div(p.S, plan.split_len);
   }
   plan.n_items = tiles * plan.n_splits;

@@ -9,6 +9,10 @@ namespace sdpa {
 void set_kernel(const KernelTable* table);
 const KernelTable* active_kernel();
 
+// Overrides the row-tile and key-block sizes (0 restores the defaults). For benchmarks only:
+// results stay correct for any positive sizes but are bitwise reproducible only for equal ones.
+void set_tiles(int64_t row_tile, int64_t key_block);
+
 // Splits the problem into work items; depends on the shape only, never on the thread count.
 Plan make_plan(const Problem& p);
 

@@ -12,7 +12,7 @@ namespace sdpa {
 
 // Bumped whenever Problem, Plan or KernelTable change layout; the driver refuses a kernel
 // module built against another version.
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 // Leading (batch) dims after broadcasting. The last batch dim is always the GQA group dim G:
 // query heads that share one key/value head (G = 1 without GQA; K/V have stride 0 along it).
@@ -71,6 +71,7 @@ struct Plan {
   int64_t rows = 0;         // G * L: query rows handled per outer index
   int64_t row_tile = 0;     // query rows per work item
   int64_t n_row_tiles = 0;  // ceil(rows / row_tile)
+  int64_t key_block = 0;    // keys per block inside an item
   int64_t n_splits = 1;     // key chunks per row tile (split-K for decode-like shapes)
   int64_t split_len = 0;    // keys per split (a multiple of the key block)
   int64_t n_items = 0;      // n_outer * n_row_tiles * n_splits
@@ -92,13 +93,6 @@ struct KernelTable {
   void (*merge_tiles)(const Problem&, const Plan&, int64_t begin, int64_t end, void* scratch);
 };
 
-// Row-tile and key-block sizes shared by the planner and the kernels.
-//  kRowTile: 64 query rows keep the Q tile, the score block and the accumulator in L1/L2
-//            (64 x 128 x 4 B = 32 KB each at E = 128).
-//  kKeyBlock: 256 keys per block amortise the packing of the Q tile inside each block product
-//            while the score block (64 x 256 x 4 B = 64 KB) stays in L2.
-constexpr int64_t kRowTile = 64;
-constexpr int64_t kKeyBlock = 256;
 
 }  // namespace sdpa
 

@@ -13,7 +13,7 @@
 //   l     = alpha * l + rowsum(P_blk)                   running sum
 //   acc   = alpha * acc + P_blk (nr x nk) * V_blk (nk x Ev)
 // and finally out = acc / l (0 where l == 0: a row with no key left), lse = m + log(l).
-// The L x S score matrix never exists: memory is O(kRowTile * (E + Ev + kKeyBlock)) per worker.
+// The L x S score matrix never exists: memory is O(row_tile * (E + Ev + key_block)) per worker.
 
 #include <algorithm>
 #include <cmath>
@@ -80,42 +80,52 @@ struct RowInfo {
 };
 
 // Per-worker scratch, carved from the driver's buffer (each region 64-byte aligned):
-//   Qs    [kRowTile x E]          query tile, converted and multiplied by scale
-//   Sb    [kRowTile x kKeyBlock]  scores, then probabilities
-//   acc   [kRowTile x Ev]         unnormalised output
-//   Kc    [kKeyBlock x E]         key block converted to T (only when K is not mappable)
-//   Vc    [kKeyBlock x Ev]        value block converted to T (only when V is not mappable)
-//   m, l  [kRowTile] each         running max and running sum
-//   rows  [kRowTile] RowInfo
+// (Bq = plan.row_tile query rows, Bk = plan.key_block keys):
+//   Qs    [Bq x E]    query tile, converted and multiplied by scale
+//   Sb    [Bq x Bk]   scores, then probabilities (leading dimension kb = Bk)
+//   acc   [Bq x Ev]   unnormalised output
+//   Kc    [Bk x E]    key block converted to T (only when K is not mappable)
+//   Vc    [Bk x Ev]   value block converted to T (only when V is not mappable)
+//   m, l  [Bq] each   running max and running sum
+//   rows  [Bq]        RowInfo
 template <typename T>
 struct Scratch {
   T *Qs, *Sb, *acc, *Kc, *Vc, *m, *l;
   RowInfo* rows;
+  int64_t kb;  // keys per block, the leading dimension of Sb
 
-  static size_t bytes(const Problem& p) {
+  // Visits each region's size in bytes, in layout order.
+  template <typename F>
+  static void layout(const Problem& p, const Plan& plan, F&& f) {
+    const size_t bq = static_cast<size_t>(plan.row_tile), bk = static_cast<size_t>(plan.key_block);
     const size_t E = static_cast<size_t>(p.E), Ev = static_cast<size_t>(p.Ev);
-    return round_up(sizeof(T) * kRowTile * E) + round_up(sizeof(T) * kRowTile * kKeyBlock) +
-           round_up(sizeof(T) * kRowTile * Ev) + round_up(sizeof(T) * kKeyBlock * E) +
-           round_up(sizeof(T) * kKeyBlock * Ev) + 2 * round_up(sizeof(T) * kRowTile) +
-           round_up(sizeof(RowInfo) * kRowTile) + kAlign;
+    for (size_t n : {bq * E, bq * bk, bq * Ev, bk * E, bk * Ev, bq, bq}) f(sizeof(T) * n);
+    f(sizeof(RowInfo) * bq);
   }
 
-  Scratch(const Problem& p, void* buffer) {
+  static size_t bytes(const Problem& p, const Plan& plan) {
+    size_t total = kAlign;
+    layout(p, plan, [&](size_t n) { total += round_up(n); });
+    return total;
+  }
+
+  Scratch(const Problem& p, const Plan& plan, void* buffer) : kb(plan.key_block) {
     auto base = reinterpret_cast<uintptr_t>(buffer);
     char* c = reinterpret_cast<char*>((base + kAlign - 1) / kAlign * kAlign);
-    auto take = [&c](size_t n) {
-      char* r = c;
+    char* region[8];
+    int i = 0;
+    layout(p, plan, [&](size_t n) {
+      region[i++] = c;
       c += round_up(n);
-      return r;
-    };
-    Qs = reinterpret_cast<T*>(take(sizeof(T) * kRowTile * p.E));
-    Sb = reinterpret_cast<T*>(take(sizeof(T) * kRowTile * kKeyBlock));
-    acc = reinterpret_cast<T*>(take(sizeof(T) * kRowTile * p.Ev));
-    Kc = reinterpret_cast<T*>(take(sizeof(T) * kKeyBlock * p.E));
-    Vc = reinterpret_cast<T*>(take(sizeof(T) * kKeyBlock * p.Ev));
-    m = reinterpret_cast<T*>(take(sizeof(T) * kRowTile));
-    l = reinterpret_cast<T*>(take(sizeof(T) * kRowTile));
-    rows = reinterpret_cast<RowInfo*>(take(sizeof(RowInfo) * kRowTile));
+    });
+    Qs = reinterpret_cast<T*>(region[0]);
+    Sb = reinterpret_cast<T*>(region[1]);
+    acc = reinterpret_cast<T*>(region[2]);
+    Kc = reinterpret_cast<T*>(region[3]);
+    Vc = reinterpret_cast<T*>(region[4]);
+    m = reinterpret_cast<T*>(region[5]);
+    l = reinterpret_cast<T*>(region[6]);
+    rows = reinterpret_cast<RowInfo*>(region[7]);
   }
 };
 
@@ -248,8 +258,8 @@ struct Kernel {
       jhi = std::min(jhi, (split + 1) * plan.split_len);
     }
 
-    for (int64_t j0 = jlo; j0 < jhi; j0 += kKeyBlock) {
-      const int64_t nk = std::min(kKeyBlock, jhi - j0);
+    for (int64_t j0 = jlo; j0 < jhi; j0 += ws.kb) {
+      const int64_t nk = std::min(ws.kb, jhi - j0);
       process_block(p, o, nr, j0, nk, ws, Qt, acc);
     }
     if (p.weights.data) write_weights(p, o, nr, ws, Qt);
@@ -269,6 +279,13 @@ struct Kernel {
     }
   }
 
+  // exp(s - m) with removed keys (s = -inf) exactly 0: Eigen's vectorised exp clamps its input
+  // and would give a tiny positive number instead.
+  template <typename A>
+  static auto exp_shifted(const A& s, T m) {
+    return (s == kNegInf).select(T(0), (s - m).exp());
+  }
+
   // Scores of keys [j0, j0 + nk) for the tile's rows into ws.Sb, every score modifier applied
   // and removed keys at -inf. Returns false (Sb untouched) when no row may attend any of them.
   static bool score_block(const Problem& p, const OuterOffsets& o, int64_t nr, int64_t j0,
@@ -283,7 +300,7 @@ struct Kernel {
 
     // S_blk (nr x nk) = Q_tile (nr x E) * K_blk^T (E x nk)
     const ConstMatMap<T> Kb = key_side_block<T, Store>(p.k, o.k, j0, nk, p.E, ws.Kc);
-    MatMap<T> Sb(ws.Sb, nr, nk, Eigen::OuterStride<>(kKeyBlock));
+    MatMap<T> Sb(ws.Sb, nr, nk, Eigen::OuterStride<>(ws.kb));
     Sb.noalias() = Qt * Kb.transpose();
 
     if (p.softcap > 0) {
@@ -295,7 +312,7 @@ struct Kernel {
       const int64_t cs = p.mask.col_stride;
       for (int64_t r = 0; r < nr; ++r) {
         const T* mrow = mk + rows[r].mask_off + j0 * cs;
-        T* srow = ws.Sb + r * kKeyBlock;
+        T* srow = ws.Sb + r * ws.kb;
         if (cs == 1) {
           Eigen::Map<RowVec<T>>(srow, nk) += Eigen::Map<const RowVec<T>>(mrow, nk);
         } else {
@@ -307,14 +324,14 @@ struct Kernel {
       for (int64_t r = 0; r < nr; ++r) {
         const T slope = static_cast<T>(rows[r].slope);
         if (slope == T(0)) continue;
-        T* srow = ws.Sb + r * kKeyBlock;
+        T* srow = ws.Sb + r * ws.kb;
         const int64_t d = rows[r].diag - j0;  // |j - diag| = |c - d|
         for (int64_t c = 0; c < nk; ++c) srow[c] -= slope * static_cast<T>(std::abs(c - d));
       }
     }
     if (!full) {
       for (int64_t r = 0; r < nr; ++r) {
-        T* srow = ws.Sb + r * kKeyBlock;
+        T* srow = ws.Sb + r * ws.kb;
         const int64_t lo = std::clamp<int64_t>(rows[r].lo - j0, 0, nk);
         const int64_t hi = std::clamp<int64_t>(rows[r].hi - j0, lo, nk);
         std::fill(srow, srow + lo, kNegInf);
@@ -326,7 +343,7 @@ struct Kernel {
       const int64_t cs = p.mask.col_stride;
       for (int64_t r = 0; r < nr; ++r) {
         const uint8_t* mrow = mk + rows[r].mask_off + j0 * cs;
-        T* srow = ws.Sb + r * kKeyBlock;
+        T* srow = ws.Sb + r * ws.kb;
         for (int64_t c = 0; c < nk; ++c) srow[c] = mrow[c * cs] ? srow[c] : kNegInf;
       }
     }
@@ -338,7 +355,7 @@ struct Kernel {
                             int64_t nk, Scratch<T>& ws, const ConstMatMap<T>& Qt,
                             MatMap<T>& acc) {
     if (!score_block(p, o, nr, j0, nk, ws, Qt)) return;
-    MatMap<T> Sb(ws.Sb, nr, nk, Eigen::OuterStride<>(kKeyBlock));
+    MatMap<T> Sb(ws.Sb, nr, nk, Eigen::OuterStride<>(ws.kb));
 
     // Online softmax update, row by row (rows of Sb are contiguous).
     bool live = false;
@@ -351,7 +368,7 @@ struct Kernel {
       }
       live = true;
       const T alpha = std::exp(ws.m[r] - m_new);  // 0 when m was -inf
-      srow = (srow - m_new).exp();
+      srow = exp_shifted(srow, m_new);
       ws.l[r] = ws.l[r] * alpha + srow.sum();
       ws.m[r] = m_new;
       if (alpha != T(1)) acc.row(r) *= alpha;
@@ -369,17 +386,17 @@ struct Kernel {
                             Scratch<T>& ws, const ConstMatMap<T>& Qt) {
     auto* w = static_cast<Store*>(const_cast<void*>(p.weights.data));
     const int64_t cs = p.weights.col_stride;
-    for (int64_t j0 = 0; j0 < p.S; j0 += kKeyBlock) {
-      const int64_t nk = std::min(kKeyBlock, p.S - j0);
+    for (int64_t j0 = 0; j0 < p.S; j0 += ws.kb) {
+      const int64_t nk = std::min(ws.kb, p.S - j0);
       const bool scored = score_block(p, o, nr, j0, nk, ws, Qt);
       for (int64_t r = 0; r < nr; ++r) {
-        T* srow = ws.Sb + r * kKeyBlock;
+        T* srow = ws.Sb + r * ws.kb;
         const T l = ws.l[r];
         if (!scored || !(l > T(0))) {
           std::fill(srow, srow + nk, T(0));
         } else {
           auto a = Eigen::Map<RowVec<T>>(srow, nk).array();
-          a = (a - ws.m[r]).exp() * (T(1) / l);
+          a = exp_shifted(a, ws.m[r]) * (T(1) / l);
         }
         store_row<T, Store>(w + ws.rows[r].w_off + j0 * cs, srow, nk, cs, T(1));
       }
@@ -404,14 +421,14 @@ struct Kernel {
 
   static void run_items(const Problem& p, const Plan& plan, int64_t begin, int64_t end,
                         void* scratch) {
-    Scratch<T> ws(p, scratch);
+    Scratch<T> ws(p, plan, scratch);
     for (int64_t item = begin; item < end; ++item) run_item(p, plan, item, ws);
   }
 
   // Merges the splits of row tiles [begin, end) by log-sum-exp, always in split order 0, 1, ...
   static void merge_tiles(const Problem& p, const Plan& plan, int64_t begin, int64_t end,
                           void* scratch) {
-    Scratch<T> ws(p, scratch);
+    Scratch<T> ws(p, plan, scratch);
     const int64_t rec = p.Ev + 2;
     for (int64_t ot = begin; ot < end; ++ot) {
       const int64_t outer = ot / plan.n_row_tiles, tile = ot % plan.n_row_tiles;
@@ -459,7 +476,9 @@ auto by_dtype(DType d, Args&&... args) {
 
 template <DType D>
 struct ScratchBytes {
-  static size_t call(const Problem& p) { return Scratch<typename Types<D>::Acc>::bytes(p); }
+  static size_t call(const Problem& p, const Plan& plan) {
+    return Scratch<typename Types<D>::Acc>::bytes(p, plan);
+  }
 };
 template <DType D>
 struct RunItems {
@@ -474,7 +493,9 @@ struct MergeTiles {
   }
 };
 
-size_t scratch_bytes(const Problem& p, const Plan&) { return by_dtype<ScratchBytes>(p.dtype, p); }
+size_t scratch_bytes(const Problem& p, const Plan& plan) {
+  return by_dtype<ScratchBytes>(p.dtype, p, plan);
+}
 void run_items(const Problem& p, const Plan& plan, int64_t b, int64_t e, void* s) {
   by_dtype<RunItems>(p.dtype, p, plan, b, e, s);
 }
