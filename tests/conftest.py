@@ -9,10 +9,15 @@ import zlib
 import numpy as np
 import pytest
 from hypothesis import settings
+from threadpoolctl import threadpool_limits
 
 import sdpa
 from sdpa import _config
 from sdpa import reference as _reference
+
+# The reference's float64 matmuls are tiny; BLAS threads only slow them down (10-20x on a
+# loaded 2-core machine), and sdpa's own pool is what the tests exercise.
+_blas_limit = threadpool_limits(limits=1, user_api="blas")
 
 # Modest by default so the suite stays fast; `pytest --hypothesis-profile=thorough` digs deeper.
 settings.register_profile("sdpa", max_examples=60, deadline=None, print_blob=True)

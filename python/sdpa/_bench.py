@@ -1,10 +1,12 @@
 """`python -m sdpa bench`: the project's benchmark suite (never a timed test).
 
-Per shape it prints sdpa's GFLOP/s (4*B*Hq*L*S*E, halved for causal L == S), that rate as a
+Per shape it prints sdpa's GFLOP/s (4*B*Hq*L*S*E, halved for causal L == S; for a sliding
+window, the pairs it attends), that rate as a
 fraction of the machine's fp32 GEMM rate measured in the same run (NumPy matmul 2048^3), and the
 speed ratio against naive NumPy and against PyTorch's CPU scaled_dot_product_attention when
 PyTorch is installed. Decode-like shapes also report the K/V read bandwidth, next to the machine's
-copy bandwidth measured in the same run.
+copy bandwidth measured in the same run; the sliding-window shape reports its speed-up over full
+attention on the same shape.
 """
 
 from __future__ import annotations
@@ -37,10 +39,20 @@ class Shape:
 
     @property
     def flops(self) -> float:
-        f = 4.0 * self.B * self.Hq * self.L * self.S * self.E
-        if self.causal and self.L == self.S:
-            f /= 2
-        return f
+        """Useful work: 4*B*Hq*E per attended (query, key) pair; L*S pairs, halved for causal
+        L == S, and for a window the pairs it leaves (top-left diagonal)."""
+        pairs = float(self.L * self.S)
+        if self.window is not None:
+            left, right = (self.S if w is None else w for w in self.window)
+            i = np.arange(self.L)
+            pairs = float(np.sum(np.minimum(i + right, self.S - 1) - np.maximum(i - left, 0) + 1))
+        elif self.causal and self.L == self.S:
+            pairs /= 2
+        return 4.0 * self.B * self.Hq * self.E * pairs
+
+    @property
+    def dims_key(self) -> tuple[int, ...]:
+        return (self.B, self.Hq, self.Hkv, self.L, self.S, self.E)
 
     @property
     def kv_bytes(self) -> float:
@@ -56,8 +68,9 @@ SUITE = [
     Shape("gqa-prefill", 1, 32, 8, 2048, 2048, 128, causal=True),
     Shape("long", 1, 8, 8, 8192, 8192, 64),
     Shape("decode", 4, 32, 8, 1, 4096, 128),
+    Shape("window", 1, 8, 8, 8192, 8192, 64, window=(256, 0)),
 ]
-QUICK = ("seed", "bert", "vit", "gqa-prefill", "decode")
+QUICK = ("seed", "bert", "vit", "gqa-prefill", "decode", "window")
 
 
 def _median_time(fn: Callable[[], Any], budget: float, min_reps: int = 3) -> float:
@@ -157,6 +170,7 @@ def run_suite(names: list[str], threads: int, budget: float, with_naive: bool) -
     torch_gemm = _torch_gemm_rate(budget)
     bandwidth = _copy_bandwidth(budget)
     rows = []
+    full_times: dict[tuple[int, ...], float] = {}
     rng = np.random.default_rng(0)
     for shape in SUITE:
         if shape.name not in names:
@@ -184,6 +198,14 @@ def run_suite(names: list[str], threads: int, budget: float, with_naive: bool) -
             row["torch_gemm_fraction"] = row["gflops"] / torch_gemm
         if shape.L <= 16:
             row["kv_gbps"] = shape.kv_bytes / t_ours / 1e9
+        if shape.window is not None:  # the speed-up over full attention on the same shape
+            full = {"window": None, "causal": False}
+            t_full = full_times.get(shape.dims_key) or _median_time(
+                lambda: sdpa.scaled_dot_product_attention(q, k, v, out=out, **full), budget, 1
+            )
+            row["vs_full"] = t_full / t_ours
+        elif not shape.causal:
+            full_times[shape.dims_key] = t_ours
         if with_naive and shape.window is None:
             t_naive = _median_time(lambda q=q, k=k, v=v, shape=shape: _naive(q, k, v, shape), budget, 1)
             row["naive_ms"] = t_naive * 1e3
@@ -225,7 +247,7 @@ def _machine() -> str:
 
 _HEADER = (
     f"{'shape':<12} {'sdpa ms':>9} {'GFLOP/s':>8} {'of GEMM':>8} {'of tGEMM':>9} {'vs naive':>9} "
-    f"{'vs torch':>9} {'KV GB/s':>8}"
+    f"{'vs torch':>9} {'KV GB/s':>8} {'vs full':>8}"
 )
 
 
@@ -239,7 +261,7 @@ def _print_row(row: dict[str, Any]) -> None:
         f"{row['shape']:<12} {row['sdpa_ms']:>9.3f} {row['gflops']:>8.1f} "
         f"{row['gemm_fraction']:>8.0%} {_fmt(row.get('torch_gemm_fraction'), '>9.0%')} "
         f"{_fmt(row.get('vs_naive'), '>8.2f', 'x')} {_fmt(row.get('vs_torch'), '>8.2f', 'x')} "
-        f"{_fmt(row.get('kv_gbps'), '>8.1f')}",
+        f"{_fmt(row.get('kv_gbps'), '>8.1f')} {_fmt(row.get('vs_full'), '>7.1f', 'x')}",
         flush=True,
     )
 

@@ -69,6 +69,10 @@ struct Types<DType::f64> {
 };
 
 constexpr size_t kAlign = 64;
+
+// Up to this many query rows in a tile (decode, GQA groups), the block products run as
+// matrix-vector products: a GEMM would spend more time packing K and V than multiplying.
+constexpr int64_t kGemvRows = 8;
 inline size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 // What each query row of the tile needs, gathered once per tile.
@@ -279,11 +283,17 @@ struct Kernel {
     }
   }
 
-  // exp(s - m) with removed keys (s = -inf) exactly 0: Eigen's vectorised exp clamps its input
-  // and would give a tiny positive number instead.
+  // exp(s - m) with removed keys (s = -inf) exactly 0. Eigen's vectorised exp clamps its input
+  // (to about -88 in float) and so returns a tiny positive `floor` for -inf; subtracting that
+  // floor and clipping at 0 stays vectorised (Eigen 3.4's select is not) and changes no other
+  // value measurably: m is the row max, so the values that matter are near 1 >> floor.
+  static T exp_floor() {
+    static const T floor = Eigen::Array<T, 64, 1>::Constant(kNegInf).exp().maxCoeff();
+    return floor;
+  }
   template <typename A>
   static auto exp_shifted(const A& s, T m) {
-    return (s == kNegInf).select(T(0), (s - m).exp());
+    return ((s - m).exp() - exp_floor()).max(T(0));
   }
 
   // Scores of keys [j0, j0 + nk) for the tile's rows into ws.Sb, every score modifier applied
@@ -301,7 +311,12 @@ struct Kernel {
     // S_blk (nr x nk) = Q_tile (nr x E) * K_blk^T (E x nk)
     const ConstMatMap<T> Kb = key_side_block<T, Store>(p.k, o.k, j0, nk, p.E, ws.Kc);
     MatMap<T> Sb(ws.Sb, nr, nk, Eigen::OuterStride<>(ws.kb));
-    Sb.noalias() = Qt * Kb.transpose();
+    if (nr <= kGemvRows) {
+      // Few rows (decode): one matrix-vector product per row streams K without packing it.
+      for (int64_t r = 0; r < nr; ++r) Sb.row(r).noalias() = Qt.row(r) * Kb.transpose();
+    } else {
+      Sb.noalias() = Qt * Kb.transpose();
+    }
 
     if (p.softcap > 0) {
       const T c = static_cast<T>(p.softcap), inv_c = T(1) / c;
@@ -377,7 +392,11 @@ struct Kernel {
 
     // acc (nr x Ev) += P_blk (nr x nk) * V_blk (nk x Ev)
     const ConstMatMap<T> Vb = key_side_block<T, Store>(p.v, o.v, j0, nk, p.Ev, ws.Vc);
-    acc.noalias() += Sb * Vb;
+    if (nr <= kGemvRows) {
+      for (int64_t r = 0; r < nr; ++r) acc.row(r).noalias() += Sb.row(r) * Vb;
+    } else {
+      acc.noalias() += Sb * Vb;
+    }
   }
 
   // Second pass for attention_weights: with each row's final max m and sum l known, recompute
