@@ -14,13 +14,18 @@ namespace {
 
 std::atomic<const KernelTable*> g_kernel{nullptr};
 
-// Tile sizes (the defaults; make_plan may adapt them to the shape):
-//  kRowTile: 64 query rows keep the Q tile, a score block and the accumulator within L2
-//            (64 x 128 x 4 B = 32 KB each at E = 128) and give Eigen's GEMM full panels.
-//  kKeyBlock: 256 keys per block amortise the packing of the Q tile inside each block product
-//            while the score block (64 x 256 x 4 B = 64 KB) stays in L2 (1 MB on Zen 4).
-constexpr int64_t kRowTile = 64;
-constexpr int64_t kKeyBlock = 256;
+// Tile sizes, chosen from the shape alone (benchmarks/NOTES.md, section 4, has the measurements):
+//  - a tile of query rows shares each packed K/V block, so bigger tiles amortise packing; up to
+//    kWholeTile rows are taken as one tile (e.g. ViT's 197), else kRowTile rows, falling back to
+//    kSmallTile when that would leave too few work items to spread over threads;
+//  - kKeyBlock keys per block amortise the packing of the Q tile; the score block
+//    (128 x 512 x 4 B = 256 KB) stays within L2 (1 MB on Zen 4); whole tiles above kRowTile rows
+//    take half as many keys to keep that bound.
+constexpr int64_t kWholeTile = 256;
+constexpr int64_t kRowTile = 128;
+constexpr int64_t kSmallTile = 64;
+constexpr int64_t kKeyBlock = 512;
+constexpr int64_t kMinItems = 16;
 // Benchmark-only overrides of the two (0: the defaults); see set_tiles.
 std::atomic<int64_t> g_row_tile{0}, g_key_block{0};
 
@@ -66,8 +71,12 @@ Plan make_plan(const Problem& p) {
   plan.n_outer = 1;
   for (int d = 0; d + 1 < p.nbatch; ++d) plan.n_outer *= p.batch_shape[d];
   plan.rows = p.batch_shape[p.nbatch - 1] * p.L;
-  plan.row_tile = g_row_tile.load() > 0 ? g_row_tile.load() : kRowTile;
-  plan.key_block = g_key_block.load() > 0 ? g_key_block.load() : kKeyBlock;
+  plan.row_tile = plan.rows <= kWholeTile ? std::max<int64_t>(plan.rows, 1) : kRowTile;
+  if (plan.n_outer * ceil_div(plan.rows, plan.row_tile) < kMinItems)
+    plan.row_tile = std::min(plan.row_tile, kSmallTile);
+  plan.key_block = plan.row_tile > kRowTile ? kKeyBlock / 2 : kKeyBlock;
+  if (g_row_tile.load() > 0) plan.row_tile = g_row_tile.load();
+  if (g_key_block.load() > 0) plan.key_block = g_key_block.load();
   plan.n_row_tiles = ceil_div(plan.rows, plan.row_tile);
   const int64_t tiles = plan.n_outer * plan.n_row_tiles;
   plan.n_splits = 1;
