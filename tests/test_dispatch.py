@@ -24,7 +24,7 @@ def run_python(code, **env):
 def test_available_isas_are_ordered_best_first():
     avail = _config.available_isas()
     assert avail, "no kernel variant available"
-    order = ["avx512", "avx2", "baseline", "generic"]
+    order = ["avx512_bf16", "avx512", "avx2", "baseline", "generic"]
     assert avail == sorted(avail, key=order.index)
     assert avail[-1] in ("baseline", "generic")
 

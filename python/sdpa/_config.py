@@ -2,7 +2,7 @@
 
 Each ISA variant of the kernel is its own extension module (``sdpa._kernel_<isa>``). At import the
 best variant that both was built and is supported by the running CPU is activated;
-``SDPA_ISA=baseline|avx2|avx512`` forces one (an unsupported request is an error).
+``SDPA_ISA=baseline|avx2|avx512|avx512_bf16`` forces one (an unsupported request is an error).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from typing import Any
 from . import _core
 
 # Best first. Each ISA lists the CPU features (as reported by _core.cpu_features) it requires.
+_AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c")
 _ISA_REQUIREMENTS: dict[str, tuple[str, ...]] = {
-    "avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"),
+    "avx512_bf16": (*_AVX512, "avx512bf16"),
+    "avx512": _AVX512,
     "avx2": ("avx2", "fma", "f16c"),
     "baseline": (),
     "generic": (),
