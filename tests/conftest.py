@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 from hypothesis import settings
+from hypothesis import strategies as st
 from threadpoolctl import threadpool_limits
 
 import sdpa
@@ -32,6 +33,8 @@ TOLERANCE = {
     "float16": 5e-3,  # output rounded to float16 (eps 9.8e-4), accumulation in float32
     "bfloat16": 2e-2,  # output rounded to bfloat16 (eps 7.8e-3), accumulation in float32
 }
+ALIGNMENTS = ["top_left", "bottom_right"]
+
 # Outputs with more elements than this are compared by relative-norm error.
 LARGE = 1 << 16
 
@@ -105,3 +108,126 @@ def isa(request):
     assert _config.isa() == request.param
     yield request.param
     _config.set_isa(previous)
+
+
+# attention_weights and return_lse judges, and the random-variant strategy, shared by several files
+
+
+def reference_weights(query, key, attn_mask=None, **kwargs):
+    """reference.attention_weights on float64-upcast inputs (a bool mask stays bool)."""
+
+    def up(x):
+        return np.asarray(x).astype(np.float64)
+
+    if attn_mask is not None and np.asarray(attn_mask).dtype != np.bool_:
+        attn_mask = up(attn_mask)
+    return _reference.attention_weights(up(query), up(key), attn_mask, **kwargs)
+
+
+def check_weights(query, key, attn_mask=None, **kwargs):
+    """Run sdpa.attention_weights, judge it by the reference, check the row sums; return it."""
+    weights = sdpa.attention_weights(query, key, attn_mask, **kwargs)
+    expected = reference_weights(query, key, attn_mask, **kwargs)
+    dtype = np.result_type(query, key)
+    assert_matches_reference(weights, expected, dtype)
+    assert np.all(weights >= 0)
+    sums = weights.astype(np.float64).sum(axis=-1)
+    has_key = expected.sum(axis=-1) > 0
+    assert np.all(weights[~has_key] == 0), "a row with no key has nonzero weights"
+    # rounding each weight to `dtype` moves the sum by at most half an ulp of 1
+    np.testing.assert_allclose(sums[has_key], 1.0, rtol=0, atol=tolerance(dtype))
+    return weights
+
+
+# Absolute lse tolerance (scaled by max(1, |lse|)), by the dtype the lse is returned in, which is
+# the accumulation dtype: the inputs are exact in it, so only the accumulation rounds.
+LSE_TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+
+
+def lse_dtype(dtype):
+    return np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
+
+
+def assert_lse_matches(actual, expected, dtype):
+    """Check the kernel's lse (for a result of ``dtype``) against the float64 reference lse."""
+    want = lse_dtype(dtype)
+    assert isinstance(actual, np.ndarray), type(actual)
+    assert actual.dtype == want, f"lse dtype {actual.dtype}, expected {want}"
+    assert actual.shape == expected.shape, f"lse shape {actual.shape}, expected {expected.shape}"
+    a = actual.astype(np.float64)
+    assert not np.isnan(a).any(), "NaN in the lse"
+    empty = expected == -np.inf
+    np.testing.assert_array_equal(a == -np.inf, empty, err_msg="lse -inf pattern")
+    if (~empty).any():
+        tol = LSE_TOLERANCE[want.name] * max(1.0, np.max(np.abs(expected[~empty])))
+        err = np.max(np.abs(a[~empty] - expected[~empty]))
+        assert err <= tol, f"lse max error {err:.3g} > {tol:.3g} ({dtype})"
+
+
+def check_lse(query, key, value, attn_mask=None, **kwargs):
+    """Run the kernel with return_lse=True; judge out and lse by the reference; return both.
+
+    Also checks that rows with no key left are exactly 0 in the output."""
+    result = sdpa.scaled_dot_product_attention(
+        query, key, value, attn_mask, return_lse=True, **kwargs
+    )
+    assert isinstance(result, tuple) and len(result) == 2, type(result)
+    out, lse = result
+    kwargs.pop("out", None)
+    ref_out, ref_lse = reference(query, key, value, attn_mask, return_lse=True, **kwargs)
+    dtype = np.result_type(query, key, value)
+    assert_matches_reference(out, ref_out, dtype)
+    assert_lse_matches(lse, ref_lse, dtype)
+    empty = np.broadcast_to((ref_lse == -np.inf)[..., None], out.shape)
+    assert np.all(out[empty] == 0), "a row with no key is not exactly 0"
+    return out, lse
+
+
+# A window side: unbounded, small or wide.
+sides = st.one_of(st.none(), st.integers(0, 8), st.integers(0, 400))
+
+
+@st.composite
+def variant_problems(draw, dtypes=(np.float16, np.float32, np.float64)):
+    """(q, k, v, mask, kwargs): random shapes, GQA, mask and every variant argument."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    dtype = draw(st.sampled_from(dtypes))
+    if draw(st.integers(0, 9)) == 0:  # now and then a decode shape on the split-K path
+        L, S = draw(st.integers(1, 3)), draw(st.integers(1024, 1500))
+    else:
+        L, S = draw(st.integers(1, 90)), draw(st.integers(1, 300))
+    e = draw(st.integers(1, 20))
+    b, hkv = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    gqa = draw(st.booleans())
+    hq = hkv * draw(st.integers(1, 3)) if gqa else hkv
+    q = rng.standard_normal((b, hq, L, e)).astype(dtype)
+    k = rng.standard_normal((b, hkv, S, e)).astype(dtype)
+    v = rng.standard_normal((b, hkv, S, draw(st.integers(1, 9)))).astype(dtype)
+
+    mask = None
+    kind = draw(st.sampled_from(["none", "none", "bool", "float"]))
+    if kind != "none":
+        shape = draw(st.sampled_from([(L, S), (b, hq, L, S), (1, S), (hq, 1, S)]))
+        if kind == "bool":
+            mask = rng.random(shape) < draw(st.floats(0.3, 1.0))
+        else:
+            mask = rng.standard_normal(shape).astype(np.float32)
+            mask[rng.random(shape) < draw(st.floats(0.0, 0.3))] = -np.inf
+
+    head_shapes = [(hq,), (b, hq), (b, 1), ()]
+    kwargs = {
+        "enable_gqa": gqa,
+        "is_causal": draw(st.booleans()),
+        "alignment": draw(st.sampled_from(ALIGNMENTS)),
+    }
+    if draw(st.booleans()):
+        kwargs["window"] = (draw(sides), draw(sides))
+    if draw(st.booleans()):
+        kwargs["alibi_slopes"] = rng.uniform(0, 1, draw(st.sampled_from(head_shapes)))
+    if draw(st.booleans()):
+        kwargs["softcap"] = draw(st.floats(0.1, 50.0))
+    if draw(st.booleans()):
+        kwargs["kv_lengths"] = rng.integers(0, S + 1, draw(st.sampled_from(head_shapes)))
+    if draw(st.booleans()):
+        kwargs["scale"] = draw(st.floats(-2.0, 2.0, allow_nan=False))
+    return q, k, v, mask, kwargs

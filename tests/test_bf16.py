@@ -4,11 +4,15 @@ attention_weights, out= and strided inputs; mixed dtypes promote by NumPy rules.
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import assert_matches_reference, check, reference
+from conftest import (
+    assert_matches_reference,
+    check,
+    check_lse,
+    check_weights,
+    reference,
+    variant_problems,
+)
 from hypothesis import HealthCheck, given, settings
-from test_lse import check_lse
-from test_variants import variant_problems
-from test_weights import check_weights
 
 import sdpa
 

@@ -3,53 +3,19 @@ property it exists for: attention over key chunks merges exactly into attention 
 
 import numpy as np
 import pytest
-from conftest import assert_matches_reference, reference, tolerance
+from conftest import (
+    assert_lse_matches,
+    assert_matches_reference,
+    check_lse,
+    lse_dtype,
+    reference,
+    tolerance,
+)
 
 import sdpa
 
 attention = sdpa.scaled_dot_product_attention
 float_id = lambda d: np.dtype(d).name  # noqa: E731
-
-# Absolute lse tolerance (scaled by max(1, |lse|)), by the dtype the lse is returned in, which is
-# the accumulation dtype: the inputs are exact in it, so only the accumulation rounds.
-LSE_TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
-
-
-def lse_dtype(dtype):
-    return np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
-
-
-def assert_lse_matches(actual, expected, dtype):
-    """Check the kernel's lse (for a result of ``dtype``) against the float64 reference lse."""
-    want = lse_dtype(dtype)
-    assert isinstance(actual, np.ndarray), type(actual)
-    assert actual.dtype == want, f"lse dtype {actual.dtype}, expected {want}"
-    assert actual.shape == expected.shape, f"lse shape {actual.shape}, expected {expected.shape}"
-    a = actual.astype(np.float64)
-    assert not np.isnan(a).any(), "NaN in the lse"
-    empty = expected == -np.inf
-    np.testing.assert_array_equal(a == -np.inf, empty, err_msg="lse -inf pattern")
-    if (~empty).any():
-        tol = LSE_TOLERANCE[want.name] * max(1.0, np.max(np.abs(expected[~empty])))
-        err = np.max(np.abs(a[~empty] - expected[~empty]))
-        assert err <= tol, f"lse max error {err:.3g} > {tol:.3g} ({dtype})"
-
-
-def check_lse(query, key, value, attn_mask=None, **kwargs):
-    """Run the kernel with return_lse=True; judge out and lse by the reference; return both.
-
-    Also checks that rows with no key left are exactly 0 in the output."""
-    result = attention(query, key, value, attn_mask, return_lse=True, **kwargs)
-    assert isinstance(result, tuple) and len(result) == 2, type(result)
-    out, lse = result
-    kwargs.pop("out", None)
-    ref_out, ref_lse = reference(query, key, value, attn_mask, return_lse=True, **kwargs)
-    dtype = np.result_type(query, key, value)
-    assert_matches_reference(out, ref_out, dtype)
-    assert_lse_matches(lse, ref_lse, dtype)
-    empty = np.broadcast_to((ref_lse == -np.inf)[..., None], out.shape)
-    assert np.all(out[empty] == 0), "a row with no key is not exactly 0"
-    return out, lse
 
 
 def qkv(rng, q_shape, kv_shape, dtype=np.float32, ev=12):

@@ -4,17 +4,14 @@ key; bad arguments; and a hypothesis property test over random combinations."""
 
 import numpy as np
 import pytest
-from conftest import check, reference
+from conftest import ALIGNMENTS, check, check_lse, reference, variant_problems
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from test_lse import check_lse
 
 import sdpa
 
 attention = sdpa.scaled_dot_product_attention
 float_id = lambda d: np.dtype(d).name  # noqa: E731
 FLOATS = [np.float32, np.float64]
-ALIGNMENTS = ["top_left", "bottom_right"]
 B, H, E, Ev = 2, 3, 16, 12
 
 # (L, S) pairs: fewer queries than keys, square, more queries than keys. They cross the 64-row
@@ -561,53 +558,6 @@ def test_kv_lengths_may_equal_s_and_0():
 # --- property test ------------------------------------------------------------------------------
 
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
-sides = st.one_of(st.none(), st.integers(0, 8), st.integers(0, 400))
-
-
-@st.composite
-def variant_problems(draw, dtypes=(np.float16, np.float32, np.float64)):
-    """(q, k, v, mask, kwargs): random shapes, GQA, mask and every variant argument."""
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    dtype = draw(st.sampled_from(dtypes))
-    if draw(st.integers(0, 9)) == 0:  # now and then a decode shape on the split-K path
-        L, S = draw(st.integers(1, 3)), draw(st.integers(1024, 1500))
-    else:
-        L, S = draw(st.integers(1, 90)), draw(st.integers(1, 300))
-    e = draw(st.integers(1, 20))
-    b, hkv = draw(st.integers(1, 2)), draw(st.integers(1, 3))
-    gqa = draw(st.booleans())
-    hq = hkv * draw(st.integers(1, 3)) if gqa else hkv
-    q = rng.standard_normal((b, hq, L, e)).astype(dtype)
-    k = rng.standard_normal((b, hkv, S, e)).astype(dtype)
-    v = rng.standard_normal((b, hkv, S, draw(st.integers(1, 9)))).astype(dtype)
-
-    mask = None
-    kind = draw(st.sampled_from(["none", "none", "bool", "float"]))
-    if kind != "none":
-        shape = draw(st.sampled_from([(L, S), (b, hq, L, S), (1, S), (hq, 1, S)]))
-        if kind == "bool":
-            mask = rng.random(shape) < draw(st.floats(0.3, 1.0))
-        else:
-            mask = rng.standard_normal(shape).astype(np.float32)
-            mask[rng.random(shape) < draw(st.floats(0.0, 0.3))] = -np.inf
-
-    head_shapes = [(hq,), (b, hq), (b, 1), ()]
-    kwargs = {
-        "enable_gqa": gqa,
-        "is_causal": draw(st.booleans()),
-        "alignment": draw(st.sampled_from(ALIGNMENTS)),
-    }
-    if draw(st.booleans()):
-        kwargs["window"] = (draw(sides), draw(sides))
-    if draw(st.booleans()):
-        kwargs["alibi_slopes"] = rng.uniform(0, 1, draw(st.sampled_from(head_shapes)))
-    if draw(st.booleans()):
-        kwargs["softcap"] = draw(st.floats(0.1, 50.0))
-    if draw(st.booleans()):
-        kwargs["kv_lengths"] = rng.integers(0, S + 1, draw(st.sampled_from(head_shapes)))
-    if draw(st.booleans()):
-        kwargs["scale"] = draw(st.floats(-2.0, 2.0, allow_nan=False))
-    return q, k, v, mask, kwargs
 
 
 @fixture_ok

@@ -3,40 +3,12 @@ rows sum to 1 (0 for a row with no key); weights @ value is the attention output
 
 import numpy as np
 import pytest
-from conftest import assert_matches_reference, tolerance
+from conftest import ALIGNMENTS, check_weights
 
 import sdpa
-from sdpa import reference as _reference
 
 float_id = lambda d: np.dtype(d).name  # noqa: E731
-ALIGNMENTS = ["top_left", "bottom_right"]
 B, H, E, Ev = 2, 3, 16, 8
-
-
-def reference_weights(query, key, attn_mask=None, **kwargs):
-    """reference.attention_weights on float64-upcast inputs (a bool mask stays bool)."""
-
-    def up(x):
-        return np.asarray(x).astype(np.float64)
-
-    if attn_mask is not None and np.asarray(attn_mask).dtype != np.bool_:
-        attn_mask = up(attn_mask)
-    return _reference.attention_weights(up(query), up(key), attn_mask, **kwargs)
-
-
-def check_weights(query, key, attn_mask=None, **kwargs):
-    """Run sdpa.attention_weights, judge it by the reference, check the row sums; return it."""
-    weights = sdpa.attention_weights(query, key, attn_mask, **kwargs)
-    expected = reference_weights(query, key, attn_mask, **kwargs)
-    dtype = np.result_type(query, key)
-    assert_matches_reference(weights, expected, dtype)
-    assert np.all(weights >= 0)
-    sums = weights.astype(np.float64).sum(axis=-1)
-    has_key = expected.sum(axis=-1) > 0
-    assert np.all(weights[~has_key] == 0), "a row with no key has nonzero weights"
-    # rounding each weight to `dtype` moves the sum by at most half an ulp of 1
-    np.testing.assert_allclose(sums[has_key], 1.0, rtol=0, atol=tolerance(dtype))
-    return weights
 
 
 def qk(rng, L, S, dtype=np.float32, batch=(B, H), kv_heads=None):

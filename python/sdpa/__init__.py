@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 try:
-    from . import _core
+    from . import _core  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on how the package was installed
     raise ImportError(
         "sdpa's compiled extension (sdpa._core) could not be imported. Install sdpa with "

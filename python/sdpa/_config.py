@@ -43,9 +43,7 @@ def available_isas() -> list[str]:
     """The kernel variants that were built and that this CPU can run, best first."""
     features = _core.cpu_features()
     return [
-        isa
-        for isa in _built_isas()
-        if all(features.get(f, False) for f in _ISA_REQUIREMENTS[isa])
+        isa for isa in _built_isas() if all(features.get(f, False) for f in _ISA_REQUIREMENTS[isa])
     ]
 
 

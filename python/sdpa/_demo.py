@@ -38,5 +38,7 @@ def main() -> int:
         weights, ref_weights, rtol=1e-12, atol=1e-12
     )
     err = max(np.abs(out - ref_out).max(), np.abs(weights - ref_weights).max())
-    print(f"matches sdpa.reference (float64): {'yes' if ok else 'NO'} (max abs difference {err:.2e})")
+    print(
+        f"matches sdpa.reference (float64): {'yes' if ok else 'NO'} (max abs difference {err:.2e})"
+    )
     return 0 if ok else 1

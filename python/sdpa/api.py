@@ -31,7 +31,9 @@ def _as_operand(x: Any, name: str) -> np.ndarray:
     if not _is_float(a.dtype):
         raise TypeError(f"{name} must have dtype {_ACCEPTED}; got {a.dtype}")
     if a.ndim < 2:
-        raise ValueError(f"{name} must have at least 2 dims (..., rows, features); got shape {a.shape}")
+        raise ValueError(
+            f"{name} must have at least 2 dims (..., rows, features); got shape {a.shape}"
+        )
     return a
 
 
@@ -177,9 +179,21 @@ def scaled_dot_product_attention(
         if result is not None:
             return result
     result, lse, _ = _attention(
-        query, key, value, attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-        out=out, alignment=alignment, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
-        kv_lengths=kv_lengths, want_lse=return_lse, want_weights=False,
+        query,
+        key,
+        value,
+        attn_mask,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        out=out,
+        alignment=alignment,
+        window=window,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        kv_lengths=kv_lengths,
+        want_lse=return_lse,
+        want_weights=False,
     )
     return (result, lse) if return_lse else result
 
@@ -209,17 +223,42 @@ def attention_weights(
     k = _as_operand(key, "key")
     value = np.empty(k.shape[:-1] + (0,), k.dtype)
     _, _, weights = _attention(
-        query, k, value, attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-        out=None, alignment=alignment, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
-        kv_lengths=kv_lengths, want_lse=False, want_weights=True,
+        query,
+        k,
+        value,
+        attn_mask,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        out=None,
+        alignment=alignment,
+        window=window,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        kv_lengths=kv_lengths,
+        want_lse=False,
+        want_weights=True,
     )
     return weights
 
 
 def _attention(
-    query: Any, key: Any, value: Any, attn_mask: Any, *, is_causal: bool, scale: Any,
-    enable_gqa: bool, out: Any, alignment: str, window: Any, alibi_slopes: Any, softcap: Any,
-    kv_lengths: Any, want_lse: bool, want_weights: bool,
+    query: Any,
+    key: Any,
+    value: Any,
+    attn_mask: Any,
+    *,
+    is_causal: bool,
+    scale: Any,
+    enable_gqa: bool,
+    out: Any,
+    alignment: str,
+    window: Any,
+    alibi_slopes: Any,
+    softcap: Any,
+    kv_lengths: Any,
+    want_lse: bool,
+    want_weights: bool,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Checks, broadcasting and dtype policy shared by the public functions; runs the core."""
     q = _as_operand(query, "query")
@@ -377,16 +416,56 @@ def _attention(
     weights = np.empty(batch + (L, S), dtype) if want_weights else None
 
     if any(a is not None and a.size for a in (target, lse, weights)):
-        _run(q, k, v, mask, mask_kind, target, lse, weights, alibi, lengths, dtype, batch, outer,
-             groups, scale_value, softcap_value, is_causal, alignment, window_left, window_right)
+        _run(
+            q,
+            k,
+            v,
+            mask,
+            mask_kind,
+            target,
+            lse,
+            weights,
+            alibi,
+            lengths,
+            dtype,
+            batch,
+            outer,
+            groups,
+            scale_value,
+            softcap_value,
+            is_causal,
+            alignment,
+            window_left,
+            window_right,
+        )
     if out is not None and target is not out:
         out[...] = target
     result = out if out is not None else target
     return result, lse, weights
 
 
-def _run(q, k, v, mask, mask_kind, target, lse, weights, alibi, lengths, dtype, batch, outer,  # type: ignore[no-untyped-def]
-         groups, scale, softcap, is_causal, alignment, window_left, window_right) -> None:
+def _run(
+    q,
+    k,
+    v,
+    mask,
+    mask_kind,
+    target,
+    lse,
+    weights,
+    alibi,
+    lengths,
+    dtype,
+    batch,
+    outer,  # type: ignore[no-untyped-def]
+    groups,
+    scale,
+    softcap,
+    is_causal,
+    alignment,
+    window_left,
+    window_right,
+) -> None:
     """Lay every operand out as (outer..., heads, G, ...) views and call the core."""
     L, E = q.shape[-2:]
     S, Ev = k.shape[-2], v.shape[-1]
@@ -412,6 +491,22 @@ def _run(q, k, v, mask, mask_kind, target, lse, weights, alibi, lengths, dtype, 
     wv = None if weights is None else query_side(weights, (L, S))
     av = None if alibi is None else query_side(alibi, ())
     kl = None if lengths is None else query_side(lengths, ())
-    _core.attention(qv, kv, vv, ov, mv, lv, av, kl, wv, _DTYPE_CODES[dtype.name], mask_kind,
-                    scale, softcap, bool(is_causal), alignment == "bottom_right",
-                    window_left, window_right)
+    _core.attention(
+        qv,
+        kv,
+        vv,
+        ov,
+        mv,
+        lv,
+        av,
+        kl,
+        wv,
+        _DTYPE_CODES[dtype.name],
+        mask_kind,
+        scale,
+        softcap,
+        bool(is_causal),
+        alignment == "bottom_right",
+        window_left,
+        window_right,
+    )
