@@ -186,3 +186,65 @@ def test_empty_embedding_gives_uniform_weights(isa, rng):
     np.testing.assert_allclose(
         out, np.broadcast_to(v.mean(axis=1, keepdims=True), out.shape), atol=1e-14
     )
+
+
+# Found in review: edge cases of argument handling.
+
+
+def test_huge_window_sides_are_unbounded(rng):
+    q = rng.standard_normal((1, 9, 8))
+    k = rng.standard_normal((1, 6, 8))
+    v = rng.standard_normal((1, 6, 5))
+    for window, align in (((None, 2**63 - 1), "top_left"), ((2**63 - 1, None), "bottom_right"),
+                          ((2**64, 2**70), "top_left")):  # fmt: skip
+        got = sdpa.scaled_dot_product_attention(q, k, v, window=window, alignment=align)
+        want = sdpa.reference.scaled_dot_product_attention(q, k, v, alignment=align)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        w = sdpa.attention_weights(q, k, window=window, alignment=align)
+        np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-12)
+
+
+def test_float64_mask_beyond_float32_range_saturates(rng):
+    q = rng.standard_normal((3, 4)).astype(np.float32)
+    v = rng.standard_normal((3, 4)).astype(np.float32)
+    mask = np.full((3, 3), -1e39)
+    mask[:, 0] = -np.inf  # -inf stays -inf
+    got = sdpa.scaled_dot_product_attention(q, q, v, mask)
+    want = sdpa.reference.scaled_dot_product_attention(
+        q.astype(np.float64), q.astype(np.float64), v.astype(np.float64), mask
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.all(got != 0)  # keys 1 and 2 remain: not a row without keys
+
+
+def test_out_with_non_native_byte_order_receives_the_result(rng):
+    q = rng.standard_normal((2, 5, 4)).astype(np.float32)
+    out = np.empty((2, 5, 4), dtype=">f4")
+    result = sdpa.scaled_dot_product_attention(q, q, q, out=out)
+    assert result is out
+    np.testing.assert_allclose(out, sdpa.reference.scaled_dot_product_attention(q, q, q), rtol=1e-5)
+
+
+def test_self_overlapping_out_is_rejected(rng):
+    q = rng.standard_normal((2, 5, 4)).astype(np.float32)
+    base = np.empty((5, 4), np.float32)
+    out = np.lib.stride_tricks.as_strided(base, (2, 5, 4), (0,) + base.strides)
+    with pytest.raises(ValueError, match="out must not overlap itself"):
+        sdpa.scaled_dot_product_attention(q, q, q, out=out)
+
+
+def test_float16_with_bfloat16_is_a_type_error_naming_the_operands():
+    import ml_dtypes
+
+    q = np.ones((2, 4), np.float16)
+    k = np.ones((2, 4), ml_dtypes.bfloat16)
+    with pytest.raises(TypeError, match="query, key and value"):
+        sdpa.scaled_dot_product_attention(q, k, k)
+
+
+@pytest.mark.parametrize("n", [2**31, 10**6])
+def test_absurd_thread_counts_are_value_errors(n):
+    before = sdpa.get_num_threads()
+    with pytest.raises(ValueError, match="n must be between 1 and"):
+        sdpa.set_num_threads(n)
+    assert sdpa.get_num_threads() == before

@@ -22,6 +22,13 @@ namespace {
 
 using sdpa::View;
 
+// Whether a dtype is in the machine's byte order ('=' native, '|' not applicable).
+bool is_native(const py::dtype& dt) {
+  const char bo = dt.byteorder();
+  const char native = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? '<' : '>';
+  return bo == '=' || bo == '|' || bo == native;
+}
+
 // Whether the memory spans of two arrays may intersect (a cheap bounds test, like NumPy's
 // may_share_memory).
 bool may_overlap(const py::array& a, const py::array& b) {
@@ -174,7 +181,7 @@ py::object attention_fast(py::handle q_obj, py::handle k_obj, py::handle v_obj,
     return py::none();
   if (!k.dtype().is(dt) && !k.dtype().equal(dt)) return py::none();
   if (!v.dtype().is(dt) && !v.dtype().equal(dt)) return py::none();
-  if (dt.byteorder() == '>') return py::none();
+  if (!is_native(dt)) return py::none();
   const int aligned = py::detail::npy_api::NPY_ARRAY_ALIGNED_;
   if (!(q.flags() & aligned) || !(k.flags() & aligned) || !(v.flags() & aligned))
     return py::none();
@@ -201,11 +208,12 @@ py::object attention_fast(py::handle q_obj, py::handle k_obj, py::handle v_obj,
   } else {
     if (!plain(out_obj)) return py::none();
     out = py::reinterpret_borrow<py::array>(out_obj);
-    if (!out.dtype().equal(dt) || out.ndim() != nd || !out.writeable() ||
-        !(out.flags() & aligned))
+    if (!out.dtype().equal(dt) || !is_native(out.dtype()) || out.ndim() != nd ||
+        !out.writeable() || !(out.flags() & aligned))
       return py::none();
     for (py::ssize_t d = 0; d < nd; ++d)
-      if (out.shape(d) != out_shape[d]) return py::none();
+      if (out.shape(d) != out_shape[d] || (out.strides(d) == 0 && out.shape(d) > 1))
+        return py::none();  // (a self-overlapping out is the Python layer's error to raise)
     for (const py::array* a : {&q, &k, &v})
       if (may_overlap(out, *a)) return py::none();
   }

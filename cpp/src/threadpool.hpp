@@ -32,6 +32,7 @@ class ThreadPool {
  private:
   void worker_loop();
   void drain();
+  void stop_workers();
 
   std::vector<std::thread> workers_;
   std::mutex job_mutex_;  // held by the caller that owns the current job

@@ -29,6 +29,8 @@ _ISA_REQUIREMENTS: dict[str, tuple[str, ...]] = {
 }
 
 _active: str | None = None
+# More threads than this is a mistake, not a configuration (each one is an OS thread).
+_MAX_THREADS = 4096
 
 
 def _built_isas() -> list[str]:
@@ -105,8 +107,8 @@ def set_num_threads(n: int) -> None:
         n = operator.index(n)
     except TypeError:
         raise TypeError(f"n must be an int; got {type(n).__name__}") from None
-    if n < 1:
-        raise ValueError(f"n must be >= 1; got {n}")
+    if not 1 <= n <= _MAX_THREADS:
+        raise ValueError(f"n must be between 1 and {_MAX_THREADS}; got {n}")
     _core.set_num_threads(int(n))
 
 

@@ -44,6 +44,16 @@ def _native(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return a
 
 
+def _mask_in(mask: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A float mask in the computation dtype. Finite values beyond its range saturate to its
+    largest finite value rather than overflowing to inf (which would remove keys that the
+    float64 reference keeps); -inf stays -inf."""
+    if mask.dtype.itemsize > dtype.itemsize:
+        info = np.finfo(dtype)
+        mask = np.where(np.isinf(mask), mask, np.clip(mask, info.min, info.max))
+    return _native(mask, dtype)
+
+
 def _broadcast(shapes: list[tuple[int, ...]], what: str) -> tuple[int, ...]:
     try:
         return np.broadcast_shapes(*[s for _, s in shapes])  # type: ignore[misc]
@@ -275,10 +285,15 @@ def _attention(
         raise ValueError(
             f"value.shape[-2] must equal key.shape[-2] (S); got key {k.shape}, value {v.shape}"
         )
-    dtype = np.result_type(q.dtype, k.dtype, v.dtype)
-    if not _is_float(dtype):
+    try:
+        dtype = np.result_type(q.dtype, k.dtype, v.dtype)
+    except TypeError:  # e.g. float16 with bfloat16: NumPy has no common type
+        dtype = None
+    if dtype is None or not _is_float(dtype):
+        got = "have no common dtype" if dtype is None else f"promote to {dtype}"
         raise TypeError(
-            f"query, key and value promote to {dtype}; the accepted dtypes are {_ACCEPTED}"
+            f"query, key and value ({q.dtype}, {k.dtype}, {v.dtype}) {got}; the accepted "
+            f"dtypes are {_ACCEPTED}"
         )
     acc_dtype = np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
@@ -300,7 +315,9 @@ def _attention(
             n = _int_arg(side, side_name)
             if n < 0:
                 raise ValueError(f"{side_name} must be >= 0 or None; got {n}")
-            sides.append(n)
+            # |j - diag(i)| < S + L always, so a wider side removes nothing: unbounded (this
+            # also keeps huge sides from overflowing the kernel's int64 arithmetic).
+            sides.append(n if n < S + L else -1)
         window_left, window_right = sides
     softcap_value = 0.0
     if softcap is not None:
@@ -317,7 +334,7 @@ def _attention(
             mask_kind = 1
         elif _is_float(mask.dtype):
             mask_kind = 2
-            mask = _native(mask, acc_dtype)
+            mask = _mask_in(mask, acc_dtype)
         else:
             raise TypeError(f"attn_mask must be bool or floating ({_ACCEPTED}); got {mask.dtype}")
         if mask.ndim < 2:
@@ -372,20 +389,24 @@ def _attention(
             raise
         outer = batch
 
-    if len(outer) + 2 > _core.max_batch_dims:
-        raise ValueError(f"too many batch dims ({len(batch)}); at most {_core.max_batch_dims - 2}")
+    if len(batch) + 1 > _core.max_batch_dims:  # the kernel adds the group dim G
+        raise ValueError(f"too many batch dims ({len(batch)}); at most {_core.max_batch_dims - 1}")
 
     out_shape = batch + (L, Ev)
     if out is not None:
         if not isinstance(out, np.ndarray):
             raise TypeError(f"out must be a numpy.ndarray; got {type(out).__name__}")
-        if out.shape != out_shape or out.dtype != dtype:
+        if out.shape != out_shape or out.dtype.newbyteorder("=") != dtype:
             raise ValueError(
                 f"out must have shape {out_shape} and dtype {dtype}; got shape {out.shape} and "
                 f"dtype {out.dtype}"
             )
         if not out.flags.writeable:
             raise ValueError("out must be writeable")
+        if any(st == 0 and n > 1 for st, n in zip(out.strides, out.shape)):
+            raise ValueError(
+                f"out must not overlap itself (a zero stride); got strides {out.strides}"
+            )
 
     alibi = None
     if alibi_slopes is not None:
