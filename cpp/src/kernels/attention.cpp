@@ -70,8 +70,8 @@ struct Types<DType::f64> {
 
 constexpr size_t kAlign = 64;
 
-// Up to this many query rows in a tile (decode, GQA groups), the block products run as
-// matrix-vector products: a GEMM would spend more time packing K and V than multiplying.
+// Up to this many query rows in a tile (decode, GQA groups), the block products run as one
+// streaming pass over K and V: a GEMM would spend more time packing them than multiplying.
 constexpr int64_t kGemvRows = 8;
 inline size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -370,8 +370,10 @@ struct Kernel {
     const ConstMatMap<T> Kb = key_side_block<T, Store>(p.k, o.k, j0, nk, p.E, ws.Kc);
     MatMap<T> Sb(ws.Sb, nr, nk, Eigen::OuterStride<>(ws.kb));
     if (nr <= kGemvRows) {
-      // Few rows (decode): one matrix-vector product per row streams K without packing it.
-      for (int64_t r = 0; r < nr; ++r) Sb.row(r).noalias() = Qt.row(r) * Kb.transpose();
+      // Few rows (decode): one pass over the keys, no packing; each K row, once loaded, serves
+      // every query row of the tile from L1.
+      for (int64_t c = 0; c < nk; ++c)
+        for (int64_t r = 0; r < nr; ++r) Sb(r, c) = Qt.row(r).dot(Kb.row(c));
     } else {
       Sb.noalias() = Qt * Kb.transpose();
     }
@@ -451,7 +453,8 @@ struct Kernel {
     // acc (nr x Ev) += P_blk (nr x nk) * V_blk (nk x Ev)
     const ConstMatMap<T> Vb = key_side_block<T, Store>(p.v, o.v, j0, nk, p.Ev, ws.Vc);
     if (nr <= kGemvRows) {
-      for (int64_t r = 0; r < nr; ++r) acc.row(r).noalias() += Sb.row(r) * Vb;
+      for (int64_t c = 0; c < nk; ++c)
+        for (int64_t r = 0; r < nr; ++r) acc.row(r) += Sb(r, c) * Vb.row(c);
     } else {
       acc.noalias() += Sb * Vb;
     }
