@@ -4,8 +4,34 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 
 namespace sdpa {
+namespace {
+
+// Before blocking on a condition variable, a thread spins this long: waking a sleeping thread
+// costs tens of microseconds on a VM, more than a small attention call takes, while calls in a
+// loop (a model's layers) come back well within this time. (OpenMP runtimes spin likewise.)
+constexpr auto kSpin = std::chrono::microseconds(200);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Spins until done() or kSpin has passed; returns done().
+template <typename F>
+bool spin_until(F&& done) {
+  const auto deadline = std::chrono::steady_clock::now() + kSpin;
+  for (int i = 0;; ++i) {
+    if (done()) return true;
+    cpu_relax();
+    if ((i & 63) == 63 && std::chrono::steady_clock::now() > deadline) return done();
+  }
+}
+
+}  // namespace
 
 ThreadPool::ThreadPool(int n_threads) {
   try {
@@ -43,6 +69,7 @@ void ThreadPool::drain() {
 void ThreadPool::worker_loop() {
   uint64_t seen = 0;
   for (;;) {
+    spin_until([&] { return stop_.load() || generation_.load() != seen; });
     {
       std::unique_lock<std::mutex> lk(mu_);
       wake_.wait(lk, [&] { return stop_ || (generation_ != seen && enlisted_ > 0); });
@@ -81,6 +108,7 @@ void ThreadPool::parallel_for(int64_t n, int max_threads, const std::function<vo
   else
     for (int i = 0; i < helpers; ++i) wake_.notify_one();
   drain();
+  spin_until([&] { return pending_.load() == 0; });
   std::exception_ptr error;
   {
     std::unique_lock<std::mutex> lk(mu_);

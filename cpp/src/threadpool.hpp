@@ -39,10 +39,11 @@ class ThreadPool {
 
   std::mutex mu_;
   std::condition_variable wake_, done_;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
-  int pending_ = 0;   // workers still inside the current job
-  int enlisted_ = 0;  // workers allowed to join the current job
+  // Written under mu_; atomic so that threads may also spin on them without the lock.
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<int> pending_{0};  // workers still inside the current job
+  int enlisted_ = 0;             // workers allowed to join the current job
 
   const std::function<void(int64_t)>* fn_ = nullptr;
   int64_t n_ = 0;
