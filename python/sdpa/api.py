@@ -437,25 +437,48 @@ def _attention(
     weights = np.empty(batch + (L, S), dtype) if want_weights else None
 
     if any(a is not None and a.size for a in (target, lse, weights)):
-        _run(
-            q,
-            k,
-            v,
-            mask,
+        # Lay every operand out as (outer..., heads, G, ...) views and call the core.
+        gqa = len(batch) != len(outer)
+        kv_batch = outer + (k.shape[-3],) if gqa else batch
+
+        def query_side(a: np.ndarray, core: tuple[int, ...]) -> np.ndarray:
+            # (broadcast_to views are read-only: out, lse and weights already have the shape)
+            if a.shape != batch + core:
+                a = np.broadcast_to(a, batch + core)
+            if gqa:
+                return _add_group_dim(a, len(core) + 1, groups)
+            return np.expand_dims(a, len(batch))
+
+        def key_side(a: np.ndarray, core: tuple[int, ...]) -> np.ndarray:
+            return np.expand_dims(
+                np.broadcast_to(_native(a, dtype), kv_batch + core), len(kv_batch)
+            )
+
+        qv = query_side(_native(q, dtype), (L, E))
+        kv = key_side(k, (S, E))
+        vv = key_side(v, (S, Ev))
+        ov = query_side(target, (L, Ev))
+        mv = None if mask is None else query_side(mask, (L, S))
+        lv = None if lse is None else query_side(lse, (L,))
+        wv = None if weights is None else query_side(weights, (L, S))
+        av = None if alibi is None else query_side(alibi, ())
+        kl = None if lengths is None else query_side(lengths, ())
+        _core.attention(
+            qv,
+            kv,
+            vv,
+            ov,
+            mv,
+            lv,
+            av,
+            kl,
+            wv,
+            _DTYPE_CODES[dtype.name],
             mask_kind,
-            target,
-            lse,
-            weights,
-            alibi,
-            lengths,
-            dtype,
-            batch,
-            outer,
-            groups,
             scale_value,
             softcap_value,
-            is_causal,
-            alignment,
+            bool(is_causal),
+            alignment == "bottom_right",
             window_left,
             window_right,
         )
@@ -463,71 +486,3 @@ def _attention(
         out[...] = target
     result = out if out is not None else target
     return result, lse, weights
-
-
-def _run(
-    q,
-    k,
-    v,
-    mask,
-    mask_kind,
-    target,
-    lse,
-    weights,
-    alibi,
-    lengths,
-    dtype,
-    batch,
-    outer,  # type: ignore[no-untyped-def]
-    groups,
-    scale,
-    softcap,
-    is_causal,
-    alignment,
-    window_left,
-    window_right,
-) -> None:
-    """Lay every operand out as (outer..., heads, G, ...) views and call the core."""
-    L, E = q.shape[-2:]
-    S, Ev = k.shape[-2], v.shape[-1]
-    gqa = len(batch) != len(outer)
-    kv_batch = outer + (k.shape[-3],) if gqa else batch
-
-    def query_side(a: np.ndarray, core: tuple[int, ...]) -> np.ndarray:
-        if a.shape != batch + core:  # (broadcast_to views are read-only: keep out and lse as is)
-            a = np.broadcast_to(a, batch + core)
-        if gqa:
-            return _add_group_dim(a, len(core) + 1, groups)
-        return np.expand_dims(a, len(batch))
-
-    def key_side(a: np.ndarray, core: tuple[int, ...]) -> np.ndarray:
-        return np.expand_dims(np.broadcast_to(_native(a, dtype), kv_batch + core), len(kv_batch))
-
-    qv = query_side(_native(q, dtype), (L, E))
-    kv = key_side(k, (S, E))
-    vv = key_side(v, (S, Ev))
-    ov = query_side(target, (L, Ev))
-    mv = None if mask is None else query_side(mask, (L, S))
-    lv = None if lse is None else query_side(lse, (L,))
-    wv = None if weights is None else query_side(weights, (L, S))
-    av = None if alibi is None else query_side(alibi, ())
-    kl = None if lengths is None else query_side(lengths, ())
-    _core.attention(
-        qv,
-        kv,
-        vv,
-        ov,
-        mv,
-        lv,
-        av,
-        kl,
-        wv,
-        _DTYPE_CODES[dtype.name],
-        mask_kind,
-        scale,
-        softcap,
-        bool(is_causal),
-        alignment == "bottom_right",
-        window_left,
-        window_right,
-    )

@@ -205,66 +205,62 @@ using PacketBF = Eigen::internal::Packet8bf;
 #endif
 
 #ifdef SDPA_HALF_PACKETS
+// The packet holding as many elements of each storage type as PacketF holds floats, and the
+// conversions between it and PacketF.
 template <typename S>
-struct HalfPacket;
+struct PacketOf;
 template <>
-struct HalfPacket<Eigen::half> {
-  using type = PacketH;
+struct PacketOf<float> {
+  using type = PacketF;
+  static PacketF to_float(PacketF p) { return p; }
+  static PacketF from_float(PacketF p) { return p; }
+};
+template <typename S, typename P>
+struct HalfPacketOf {
+  using type = P;
+  static PacketF to_float(P p) { return Eigen::internal::pcast<P, PacketF>(p); }
+  static P from_float(PacketF p) { return Eigen::internal::pcast<PacketF, P>(p); }
 };
 template <>
-struct HalfPacket<Eigen::bfloat16> {
-  using type = PacketBF;
-};
-template <typename T, typename S>
-constexpr bool kHalfPackets = std::is_same_v<T, float> && (std::is_same_v<S, Eigen::half> ||
-                                                            std::is_same_v<S, Eigen::bfloat16>);
+struct PacketOf<Eigen::half> : HalfPacketOf<Eigen::half, PacketH> {};
+template <>
+struct PacketOf<Eigen::bfloat16> : HalfPacketOf<Eigen::bfloat16, PacketBF> {};
+
+template <typename T, typename Src, typename Dst>
+constexpr bool kHalfPackets =
+    std::is_same_v<T, float> && !std::is_same_v<Src, Dst> &&
+    (std::is_same_v<Src, float> || std::is_same_v<Dst, float>) &&
+    (std::is_same_v<Src, Eigen::half> || std::is_same_v<Src, Eigen::bfloat16> ||
+     std::is_same_v<Dst, Eigen::half> || std::is_same_v<Dst, Eigen::bfloat16>);
 #else
-template <typename T, typename S>
+template <typename T, typename Src, typename Dst>
 constexpr bool kHalfPackets = false;
 #endif
 
-// Copies n elements src[0], src[stride], ... (storage type S) into dst (type T), times `mul`.
-template <typename T, typename S>
-inline void load_row(T* dst, const S* src, int64_t n, int64_t stride, T mul) {
-  if (stride != 1) {
-    for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c * stride]) * mul;
+// dst[c * ds] = Dst(T(src[c * ss]) * mul) for c < n, T being the compute type: loads rows of
+// q, k, v into T and stores rows of out and weights from T.
+template <typename T, typename Src, typename Dst>
+inline void convert_row(Dst* dst, int64_t ds, const Src* src, int64_t ss, int64_t n, T mul) {
+  if (ds != 1 || ss != 1) {
+    for (int64_t c = 0; c < n; ++c) dst[c * ds] = static_cast<Dst>(static_cast<T>(src[c * ss]) * mul);
     return;
   }
   int64_t c = 0;
 #ifdef SDPA_HALF_PACKETS
-  if constexpr (kHalfPackets<T, S>) {
+  if constexpr (kHalfPackets<T, Src, Dst>) {
     namespace ei = Eigen::internal;
-    using PS = typename HalfPacket<S>::type;
+    using In = PacketOf<Src>;
+    using Out = PacketOf<Dst>;
     constexpr int64_t W = ei::unpacket_traits<PacketF>::size;
     const PacketF m = ei::pset1<PacketF>(mul);
-    for (; c + W <= n; c += W)
-      ei::pstoreu(dst + c, ei::pmul(ei::pcast<PS, PacketF>(ei::ploadu<PS>(src + c)), m));
+    for (; c + W <= n; c += W) {
+      const PacketF x = In::to_float(ei::ploadu<typename In::type>(src + c));
+      ei::pstoreu(dst + c, Out::from_float(ei::pmul(x, m)));
+    }
   }
 #endif
-  Eigen::Map<RowVec<T>>(dst + c, n - c) =
-      Eigen::Map<const RowVec<S>>(src + c, n - c).template cast<T>() * mul;
-}
-
-// Stores n elements of src (type T), times `mul`, into dst[0], dst[stride], ... (type S).
-template <typename T, typename S>
-inline void store_row(S* dst, const T* src, int64_t n, int64_t stride, T mul) {
-  if (stride != 1) {
-    for (int64_t c = 0; c < n; ++c) dst[c * stride] = static_cast<S>(src[c] * mul);
-    return;
-  }
-  int64_t c = 0;
-#ifdef SDPA_HALF_PACKETS
-  if constexpr (kHalfPackets<T, S>) {
-    namespace ei = Eigen::internal;
-    using PS = typename HalfPacket<S>::type;
-    constexpr int64_t W = ei::unpacket_traits<PacketF>::size;
-    const PacketF m = ei::pset1<PacketF>(mul);
-    for (; c + W <= n; c += W)
-      ei::pstoreu(dst + c, ei::pcast<PacketF, PS>(ei::pmul(ei::ploadu<PacketF>(src + c), m)));
-  }
-#endif
-  Eigen::Map<RowVec<S>>(dst + c, n - c) =
-      (Eigen::Map<const RowVec<T>>(src + c, n - c) * mul).template cast<S>();
+  Eigen::Map<RowVec<Dst>>(dst + c, n - c) =
+      (Eigen::Map<const RowVec<Src>>(src + c, n - c).template cast<T>() * mul).template cast<Dst>();
 }
 
 // A block of rows [j0, j0 + nk) of a (S x D) key-side operand as a matrix in type T: a direct
@@ -278,7 +274,7 @@ ConstMatMap<T> key_side_block(const View& view, int64_t base, int64_t j0, int64_
       return ConstMatMap<T>(src, nk, D, Eigen::OuterStride<>(view.row_stride));
   }
   for (int64_t j = 0; j < nk; ++j)
-    load_row<T, Store>(buffer + j * D, src + j * view.row_stride, D, view.col_stride, T(1));
+    convert_row<T>(buffer + j * D, 1, src + j * view.row_stride, view.col_stride, D, T(1));
   return ConstMatMap<T>(buffer, nk, D, Eigen::OuterStride<>(D));
 }
 
@@ -301,7 +297,7 @@ struct Kernel {
     // Q_tile (nr x E) = scale * q rows, in T.
     const auto* q = static_cast<const Store*>(p.q.data);
     for (int64_t r = 0; r < nr; ++r)
-      load_row<T, Store>(ws.Qs + r * p.E, q + rows[r].q_off, p.E, p.q.col_stride, T(p.scale));
+      convert_row<T>(ws.Qs + r * p.E, 1, q + rows[r].q_off, p.q.col_stride, p.E, T(p.scale));
     ConstMatMap<T> Qt(ws.Qs, nr, p.E, Eigen::OuterStride<>(p.E));
     MatMap<T> acc(ws.acc, nr, p.Ev, Eigen::OuterStride<>(p.Ev));
     acc.setZero();
@@ -478,7 +474,7 @@ struct Kernel {
           auto a = Eigen::Map<RowVec<T>>(srow, nk).array();
           a = exp_shifted(a, ws.m[r]) * (T(1) / l);
         }
-        store_row<T, Store>(w + ws.rows[r].w_off + j0 * cs, srow, nk, cs, T(1));
+        convert_row<T>(w + ws.rows[r].w_off + j0 * cs, cs, srow, 1, nk, T(1));
       }
     }
   }
@@ -487,7 +483,7 @@ struct Kernel {
   static void write_row(const Problem& p, const RowInfo& ri, const T* acc_row, T m, T l) {
     const T inv = l > T(0) ? T(1) / l : T(0);
     auto* out = static_cast<Store*>(const_cast<void*>(p.out.data));
-    store_row<T, Store>(out + ri.out_off, acc_row, p.Ev, p.out.col_stride, inv);
+    convert_row<T>(out + ri.out_off, p.out.col_stride, acc_row, 1, p.Ev, inv);
     if (p.lse.data) {
       auto* lse = static_cast<T*>(const_cast<void*>(p.lse.data));
       lse[ri.lse_off] = l > T(0) ? m + std::log(l) : kNegInf;
