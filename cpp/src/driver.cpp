@@ -88,6 +88,8 @@ Plan make_plan(const Problem& p) {
     plan.n_splits = ceil_div(p.S, plan.split_len);
   }
   plan.n_items = tiles * plan.n_splits;
+  // With a causal rule or a right-bounded window, a row's key range grows with its index.
+  plan.heavy_tiles_last = p.causal || p.window_right != kUnbounded;
   return plan;
 }
 

@@ -12,7 +12,7 @@ namespace sdpa {
 
 // Bumped whenever Problem, Plan or KernelTable change layout; the driver refuses a kernel
 // module built against another version.
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 // Leading (batch) dims after broadcasting. The last batch dim is always the GQA group dim G:
 // query heads that share one key/value head (G = 1 without GQA; K/V have stride 0 along it).
@@ -75,6 +75,10 @@ struct Plan {
   int64_t n_splits = 1;     // key chunks per row tile (split-K for decode-like shapes)
   int64_t split_len = 0;    // keys per split (a multiple of the key block)
   int64_t n_items = 0;      // n_outer * n_row_tiles * n_splits
+  // Causal-like shapes: later row tiles see more keys. Items are handed out in index order, so
+  // the kernel maps item order to tiles last-to-first (largest first), which keeps the final
+  // items small and the threads evenly loaded. Changes which thread computes what, never what.
+  bool heavy_tiles_last = false;
   // Partial results when n_splits > 1, laid out [outer][tile][split][row] with per-row record
   // (m, l, acc[Ev]) in the compute type; allocated by the driver.
   void* partials = nullptr;

@@ -286,7 +286,8 @@ struct Kernel {
 
   static void run_item(const Problem& p, const Plan& plan, int64_t item, Scratch<T>& ws) {
     const int64_t split = item % plan.n_splits;
-    const int64_t tile = (item / plan.n_splits) % plan.n_row_tiles;
+    int64_t tile = (item / plan.n_splits) % plan.n_row_tiles;
+    if (plan.heavy_tiles_last) tile = plan.n_row_tiles - 1 - tile;  // hand out big items first
     const int64_t outer = item / plan.n_splits / plan.n_row_tiles;
     const OuterOffsets o = outer_offsets(p, outer);
     const int64_t t0 = tile * plan.row_tile;
