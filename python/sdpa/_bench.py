@@ -12,6 +12,7 @@ speed-up over full attention on the same shape.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -213,18 +214,13 @@ def run_suite(names: list[str], threads: int, budget: float, with_naive: bool) -
             row["kv_gbps"] = shape.kv_bytes / t_ours / 1e9
             row["bandwidth_fraction"] = row["kv_gbps"] / bandwidth
         if shape.window is not None:  # the speed-up over full attention on the same shape
-            t_full = full_times.get(shape.dims_key) or _median_time(
-                lambda q=q, k=k, v=v, out=out: sdpa.scaled_dot_product_attention(q, k, v, out=out),
-                budget,
-                1,
-            )
+            full = functools.partial(sdpa.scaled_dot_product_attention, q, k, v, out=out)
+            t_full = full_times.get(shape.dims_key) or _median_time(full, budget, 1)
             row["vs_full"] = t_full / t_ours
         elif not shape.causal:
             full_times[shape.dims_key] = t_ours
         if with_naive and shape.window is None:
-            t_naive = _median_time(
-                lambda q=q, k=k, v=v, shape=shape: _naive(q, k, v, shape), budget, 1
-            )
+            t_naive = _median_time(functools.partial(_naive, q, k, v, shape), budget, 1)
             row["naive_ms"] = t_naive * 1e3
             row["vs_naive"] = t_naive / t_ours
         tfn = _torch_fn(q, k, v, shape)

@@ -54,7 +54,7 @@ def _mask_in(mask: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return _native(mask, dtype)
 
 
-def _broadcast(shapes: list[tuple[int, ...]], what: str) -> tuple[int, ...]:
+def _broadcast(shapes: list[tuple[str, tuple[int, ...]]], what: str) -> tuple[int, ...]:
     try:
         return np.broadcast_shapes(*[s for _, s in shapes])  # type: ignore[misc]
     except ValueError:
@@ -249,6 +249,7 @@ def attention_weights(
         want_lse=False,
         want_weights=True,
     )
+    assert weights is not None
     return weights
 
 
