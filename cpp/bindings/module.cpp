@@ -78,8 +78,8 @@ void check_batch(const py::array& a, const char* name, const sdpa::Problem& p) {
 // weights (B..., G, L, S) or None.
 void attention(const py::array& q, const py::array& k, const py::array& v, py::array& out,
                const py::object& mask, const py::object& lse, const py::object& alibi,
-               const py::object& kv_length, const py::object& weights, int dtype, int mask_kind, double scale,
-               double softcap, bool causal, bool bottom_right, int64_t window_left,
+               const py::object& kv_length, const py::object& weights, int dtype, int mask_kind,
+               double scale, double softcap, bool causal, bool bottom_right, int64_t window_left,
                int64_t window_right) {
   sdpa::Problem p;
   if (dtype < 0 || dtype > 3) throw std::invalid_argument("unknown dtype code");
@@ -114,7 +114,8 @@ void attention(const py::array& q, const py::array& k, const py::array& v, py::a
   p.mask_kind = static_cast<sdpa::MaskKind>(mask_kind);
   if (p.mask_kind != sdpa::MaskKind::none) {
     const auto m = py::array(mask);
-    p.mask = make_view(m, "attn_mask", nbatch, 2, p.mask_kind == sdpa::MaskKind::boolean ? 1 : acc_sz);
+    p.mask =
+        make_view(m, "attn_mask", nbatch, 2, p.mask_kind == sdpa::MaskKind::boolean ? 1 : acc_sz);
     check_batch(m, "attn_mask", p);
     if (m.shape(nbatch) != p.L || m.shape(nbatch + 1) != p.S)
       throw std::invalid_argument("attn_mask: core dims differ from (L, S)");
@@ -159,8 +160,8 @@ void attention(const py::array& q, const py::array& k, const py::array& v, py::a
 // and not overlapping the inputs. It returns None to decline anything else, leaving every check,
 // broadcast and error message to the Python layer; it exists because that layer's generality costs
 // tens of microseconds per call, which dominates small problems (see benchmarks/NOTES.md).
-py::object attention_fast(py::handle q_obj, py::handle k_obj, py::handle v_obj,
-                          py::handle out_obj, bool causal, py::handle scale_obj) {
+py::object attention_fast(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle out_obj,
+                          bool causal, py::handle scale_obj) {
   static const py::handle ndarray_type =
       py::object(py::module_::import("numpy").attr("ndarray")).release();
   auto plain = [&](py::handle h) { return py::type::handle_of(h).is(ndarray_type); };
@@ -171,20 +172,25 @@ py::object attention_fast(py::handle q_obj, py::handle k_obj, py::handle v_obj,
   const py::dtype dt = q.dtype();
   int code;
   switch (dt.num()) {
-    case py::detail::npy_api::NPY_FLOAT_: code = 2; break;
-    case py::detail::npy_api::NPY_DOUBLE_: code = 3; break;
-    case 23 /* NPY_HALF */: code = 0; break;
-    default: return py::none();
+    case py::detail::npy_api::NPY_FLOAT_:
+      code = 2;
+      break;
+    case py::detail::npy_api::NPY_DOUBLE_:
+      code = 3;
+      break;
+    case 23 /* NPY_HALF */:
+      code = 0;
+      break;
+    default:
+      return py::none();
   }
   const py::ssize_t nd = q.ndim();
-  if (nd < 2 || nd > sdpa::kMaxBatchDims + 1 || k.ndim() != nd || v.ndim() != nd)
-    return py::none();
+  if (nd < 2 || nd > sdpa::kMaxBatchDims + 1 || k.ndim() != nd || v.ndim() != nd) return py::none();
   if (!k.dtype().is(dt) && !k.dtype().equal(dt)) return py::none();
   if (!v.dtype().is(dt) && !v.dtype().equal(dt)) return py::none();
   if (!is_native(dt)) return py::none();
   const int aligned = py::detail::npy_api::NPY_ARRAY_ALIGNED_;
-  if (!(q.flags() & aligned) || !(k.flags() & aligned) || !(v.flags() & aligned))
-    return py::none();
+  if (!(q.flags() & aligned) || !(k.flags() & aligned) || !(v.flags() & aligned)) return py::none();
   const int nb = static_cast<int>(nd) - 2;
   for (int d = 0; d < nb; ++d)
     if (k.shape(d) != q.shape(d) || v.shape(d) != q.shape(d)) return py::none();
@@ -208,8 +214,8 @@ py::object attention_fast(py::handle q_obj, py::handle k_obj, py::handle v_obj,
   } else {
     if (!plain(out_obj)) return py::none();
     out = py::reinterpret_borrow<py::array>(out_obj);
-    if (!out.dtype().equal(dt) || !is_native(out.dtype()) || out.ndim() != nd ||
-        !out.writeable() || !(out.flags() & aligned))
+    if (!out.dtype().equal(dt) || !is_native(out.dtype()) || out.ndim() != nd || !out.writeable() ||
+        !(out.flags() & aligned))
       return py::none();
     for (py::ssize_t d = 0; d < nd; ++d)
       if (out.shape(d) != out_shape[d] || (out.strides(d) == 0 && out.shape(d) > 1))
@@ -289,7 +295,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("kernel_info", &kernel_info);
   m.def("cpu_features", &cpu_features);
   m.def("set_num_threads", &sdpa::set_num_threads);
-  m.def("_set_tiles", &sdpa::set_tiles, "benchmark-only override of (row tile, key block); 0 = default");
+  m.def("_set_tiles", &sdpa::set_tiles,
+        "benchmark-only override of (row tile, key block); 0 = default");
   m.def("get_num_threads", &sdpa::get_num_threads);
   m.attr("max_batch_dims") = sdpa::kMaxBatchDims;
   m.attr("binding_info") = "compiler " __VERSION__;

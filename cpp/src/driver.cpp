@@ -105,8 +105,7 @@ void run(const Problem& p) {
 
   std::vector<char> partials;
   if (plan.n_splits > 1) {
-    partials.resize(static_cast<size_t>(plan.n_items * plan.row_tile * (p.Ev + 2)) *
-                    dtype_size(p));
+    partials.resize(static_cast<size_t>(plan.n_items * plan.row_tile * (p.Ev + 2)) * dtype_size(p));
     plan.partials = partials.data();
   }
 

@@ -97,7 +97,6 @@ struct KernelTable {
   void (*merge_tiles)(const Problem&, const Plan&, int64_t begin, int64_t end, void* scratch);
 };
 
-
 }  // namespace sdpa
 
 // Each kernel variant is its own Python extension module (sdpa._kernel_<isa>) whose attribute

@@ -15,13 +15,12 @@
 // and finally out = acc / l (0 where l == 0: a row with no key left), lse = m + log(l).
 // The L x S score matrix never exists: memory is O(row_tile * (E + Ev + key_block)) per worker.
 
+#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
-
-#include <Eigen/Core>
 
 #include "sdpa/sdpa.hpp"
 
@@ -78,9 +77,9 @@ inline size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 // What each query row of the tile needs, gathered once per tile.
 struct RowInfo {
   int64_t q_off, out_off, mask_off, lse_off, w_off;  // element offsets of the row's start
-  int64_t lo, hi;                             // keys [lo, hi) survive causal/window/kv_length
-  int64_t diag;                               // the row's diagonal key (alignment)
-  double slope;                               // ALiBi slope (0 when absent)
+  int64_t lo, hi;  // keys [lo, hi) survive causal/window/kv_length
+  int64_t diag;    // the row's diagonal key (alignment)
+  double slope;    // ALiBi slope (0 when absent)
 };
 
 // Per-worker scratch, carved from the driver's buffer (each region 64-byte aligned):
@@ -158,8 +157,7 @@ OuterOffsets outer_offsets(const Problem& p, int64_t outer) {
 }
 
 // Fills rows[0, nr) for query rows [t0, t0 + nr) of the (G x L) row space.
-void describe_rows(const Problem& p, const OuterOffsets& o, int64_t t0, int64_t nr,
-                   RowInfo* rows) {
+void describe_rows(const Problem& p, const OuterOffsets& o, int64_t t0, int64_t nr, RowInfo* rows) {
   const int gd = p.nbatch - 1;
   const int64_t shift = p.alignment == Alignment::bottom_right ? p.S - p.L : 0;
   for (int64_t r = 0; r < nr; ++r) {
@@ -229,9 +227,9 @@ struct PacketOf<Eigen::bfloat16> : HalfPacketOf<Eigen::bfloat16, PacketBF> {};
 template <typename T, typename Src, typename Dst>
 constexpr bool kHalfPackets =
     std::is_same_v<T, float> && !std::is_same_v<Src, Dst> &&
-    (std::is_same_v<Src, float> || std::is_same_v<Dst, float>) &&
-    (std::is_same_v<Src, Eigen::half> || std::is_same_v<Src, Eigen::bfloat16> ||
-     std::is_same_v<Dst, Eigen::half> || std::is_same_v<Dst, Eigen::bfloat16>);
+    (std::is_same_v<Src, float> || std::is_same_v<Dst, float>)&&(
+        std::is_same_v<Src, Eigen::half> || std::is_same_v<Src, Eigen::bfloat16> ||
+        std::is_same_v<Dst, Eigen::half> || std::is_same_v<Dst, Eigen::bfloat16>);
 #else
 template <typename T, typename Src, typename Dst>
 constexpr bool kHalfPackets = false;
@@ -242,7 +240,8 @@ constexpr bool kHalfPackets = false;
 template <typename T, typename Src, typename Dst>
 inline void convert_row(Dst* dst, int64_t ds, const Src* src, int64_t ss, int64_t n, T mul) {
   if (ds != 1 || ss != 1) {
-    for (int64_t c = 0; c < n; ++c) dst[c * ds] = static_cast<Dst>(static_cast<T>(src[c * ss]) * mul);
+    for (int64_t c = 0; c < n; ++c)
+      dst[c * ds] = static_cast<Dst>(static_cast<T>(src[c * ss]) * mul);
     return;
   }
   int64_t c = 0;
@@ -424,8 +423,7 @@ struct Kernel {
   }
 
   static void process_block(const Problem& p, const OuterOffsets& o, int64_t nr, int64_t j0,
-                            int64_t nk, Scratch<T>& ws, const ConstMatMap<T>& Qt,
-                            MatMap<T>& acc) {
+                            int64_t nk, Scratch<T>& ws, const ConstMatMap<T>& Qt, MatMap<T>& acc) {
     if (!score_block(p, o, nr, j0, nk, ws, Qt)) return;
     MatMap<T> Sb(ws.Sb, nr, nk, Eigen::OuterStride<>(ws.kb));
 
@@ -459,8 +457,8 @@ struct Kernel {
 
   // Second pass for attention_weights: with each row's final max m and sum l known, recompute
   // the scores block by block and write P = exp(s - m) / l over all S keys (0 where removed).
-  static void write_weights(const Problem& p, const OuterOffsets& o, int64_t nr,
-                            Scratch<T>& ws, const ConstMatMap<T>& Qt) {
+  static void write_weights(const Problem& p, const OuterOffsets& o, int64_t nr, Scratch<T>& ws,
+                            const ConstMatMap<T>& Qt) {
     auto* w = static_cast<Store*>(const_cast<void*>(p.weights.data));
     const int64_t cs = p.weights.col_stride;
     for (int64_t j0 = 0; j0 < p.S; j0 += ws.kb) {
@@ -492,8 +490,7 @@ struct Kernel {
   }
 
   static void finish_rows(const Problem& p, int64_t nr, const Scratch<T>& ws) {
-    for (int64_t r = 0; r < nr; ++r)
-      write_row(p, ws.rows[r], ws.acc + r * p.Ev, ws.m[r], ws.l[r]);
+    for (int64_t r = 0; r < nr; ++r) write_row(p, ws.rows[r], ws.acc + r * p.Ev, ws.m[r], ws.l[r]);
   }
 
   static void run_items(const Problem& p, const Plan& plan, int64_t begin, int64_t end,
@@ -513,7 +510,8 @@ struct Kernel {
       const int64_t t0 = tile * plan.row_tile;
       const int64_t nr = std::min(plan.row_tile, plan.rows - t0);
       describe_rows(p, o, t0, nr, ws.rows);
-      const T* base = static_cast<const T*>(plan.partials) + ot * plan.n_splits * plan.row_tile * rec;
+      const T* base =
+          static_cast<const T*>(plan.partials) + ot * plan.n_splits * plan.row_tile * rec;
       for (int64_t r = 0; r < nr; ++r) {
         T m = kNegInf;
         for (int64_t s = 0; s < plan.n_splits; ++s)
@@ -582,11 +580,14 @@ void merge_tiles(const Problem& p, const Plan& plan, int64_t b, int64_t e, void*
 
 #define SDPA_STR2(x) #x
 #define SDPA_STR(x) SDPA_STR2(x)
-const KernelTable kTable = {
-    kAbiVersion, SDPA_ISA_NAME,
-    "compiler " __VERSION__ "; flags " SDPA_COMPILE_INFO "; Eigen " SDPA_STR(
-        EIGEN_WORLD_VERSION) "." SDPA_STR(EIGEN_MAJOR_VERSION) "." SDPA_STR(EIGEN_MINOR_VERSION),
-    scratch_bytes, run_items, merge_tiles};
+const KernelTable kTable = {kAbiVersion,
+                            SDPA_ISA_NAME,
+                            "compiler " __VERSION__ "; flags " SDPA_COMPILE_INFO
+                            "; Eigen " SDPA_STR(EIGEN_WORLD_VERSION) "." SDPA_STR(
+                                EIGEN_MAJOR_VERSION) "." SDPA_STR(EIGEN_MINOR_VERSION),
+                            scratch_bytes,
+                            run_items,
+                            merge_tiles};
 
 }  // namespace
 

@@ -9,9 +9,15 @@
 #define SDPA_CAT2(a, b) a##b
 #define SDPA_CAT(a, b) SDPA_CAT2(a, b)
 
-static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, SDPA_MODULE_NAME,
-                                     "sdpa attention kernel, one ISA variant", -1, nullptr,
-                                     nullptr, nullptr, nullptr, nullptr};
+static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT,
+                                     SDPA_MODULE_NAME,
+                                     "sdpa attention kernel, one ISA variant",
+                                     -1,
+                                     nullptr,
+                                     nullptr,
+                                     nullptr,
+                                     nullptr,
+                                     nullptr};
 
 PyMODINIT_FUNC SDPA_CAT(PyInit_, SDPA_MODULE_SYMBOL)(void) {
   PyObject* m = PyModule_Create(&kModule);
