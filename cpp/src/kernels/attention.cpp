@@ -250,7 +250,7 @@ inline void convert_row(Dst* dst, int64_t ds, const Src* src, int64_t ss, int64_
     namespace ei = Eigen::internal;
     using In = PacketOf<Src>;
     using Out = PacketOf<Dst>;
-    constexpr int64_t W = ei::unpacket_traits<PacketF>::size;
+    constexpr int64_t W = ei::packet_traits<float>::size;  // the width of PacketF
     const PacketF m = ei::pset1<PacketF>(mul);
     for (; c + W <= n; c += W) {
       const PacketF x = In::to_float(ei::ploadu<typename In::type>(src + c));
