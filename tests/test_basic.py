@@ -196,3 +196,22 @@ def test_fast_route_with_out(rng):
     q2 = q.copy()
     sdpa.scaled_dot_product_attention(q2, q2, q2, out=q2)
     np.testing.assert_array_equal(q2, general)
+
+
+@pytest.mark.parametrize("S", [70, 3000], ids=["S70", "S3000-split"])
+def test_nan_in_the_inputs_reaches_the_output(isa, rng, S):
+    # A NaN must not vanish into a max or a "no key left" row: the reference gives NaN there.
+    q = rng.standard_normal((2, 3, 4, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 3, S, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 3, S, 5)).astype(np.float32)
+    q[0, 1, 2, 3] = np.nan
+    out, lse = sdpa.scaled_dot_product_attention(q, k, v, return_lse=True)
+    ref_out, ref_lse = sdpa.reference.scaled_dot_product_attention(q, k, v, return_lse=True)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref_out))
+    np.testing.assert_array_equal(np.isnan(lse), np.isnan(ref_lse))
+    assert np.isnan(out[0, 1, 2]).all() and np.isfinite(np.delete(out.reshape(-1, 5), 6, 0)).all()
+    weights = sdpa.attention_weights(q, k)
+    assert np.isnan(weights[0, 1, 2]).all()
+    assert np.isfinite(weights[0, 1, [0, 1, 3]]).all()
+    fast = sdpa.scaled_dot_product_attention(q, k, v)  # the direct route too
+    np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref_out))

@@ -101,7 +101,7 @@ def _softmax(s):
     m = np.where(np.isfinite(m), m, 0.0)  # rows with no key: avoid (-inf) - (-inf)
     e = np.exp(s - m)
     total = e.sum(axis=-1, keepdims=True)
-    has_key = total > 0
+    has_key = total != 0  # (a NaN total is not "no key": NaN inputs give NaN out and lse)
     weights = e / np.where(has_key, total, 1.0)
     lse = np.where(has_key, m + np.log(np.where(has_key, total, 1.0)), -np.inf)
     return weights, lse[..., 0]

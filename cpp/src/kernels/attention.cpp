@@ -277,6 +277,44 @@ ConstMatMap<T> key_side_block(const View& view, int64_t base, int64_t j0, int64_
   return ConstMatMap<T>(buffer, nk, D, Eigen::OuterStride<>(D));
 }
 
+#if defined(EIGEN_VECTORIZE_AVX512) || defined(EIGEN_VECTORIZE_AVX2)
+#define SDPA_FAST_EXP 1
+// exp(x) for x <= 0, as the online softmax needs it (x = s - m, m the row max): Eigen's Cephes
+// polynomial on the reduced argument, with cheaper range handling than the general pexp. Below
+// -86 (and for -inf, a removed key) the result is exactly 0 (under 1e-37 of the row max, so
+// nothing is lost), which keeps 2^n a normal number that an integer add to the exponent field
+// can apply. NaN stays NaN (pmax keeps its first operand's NaN; cvtt turns NaN into INT_MIN,
+// whose shift adds 0 to the exponent).
+inline Eigen::internal::packet_traits<float>::type exp_nonpositive(
+    const Eigen::internal::packet_traits<float>::type& x) {
+  namespace ei = Eigen::internal;
+  using P = ei::packet_traits<float>::type;
+  using PI = ei::unpacket_traits<P>::integer_packet;
+  const P lo = ei::pset1<P>(-86.0f);
+  const P xc = ei::pmax(x, lo);
+  // x = n ln2 + r, |r| <= ln2 / 2, ln2 split in two parts for the reduction.
+  const P n = ei::pfloor(ei::pmadd(xc, ei::pset1<P>(1.44269504088896341f), ei::pset1<P>(0.5f)));
+  P r = ei::pmadd(n, ei::pset1<P>(-0.693359375f), xc);
+  r = ei::pmadd(n, ei::pset1<P>(2.12194440e-4f), r);
+  const P r2 = ei::pmul(r, r);
+  P y = ei::pmadd(ei::pset1<P>(1.9875691500e-4f), r, ei::pset1<P>(1.3981999507e-3f));
+  P y1 = ei::pmadd(ei::pset1<P>(4.1665795894e-2f), r, ei::pset1<P>(1.6666665459e-1f));
+  y = ei::pmadd(y, r, ei::pset1<P>(8.3334519073e-3f));
+  y1 = ei::pmadd(y1, r, ei::pset1<P>(5.0000001201e-1f));
+  y = ei::pmadd(y, ei::pmul(r2, r), y1);
+  y = ei::pmadd(y, r2, ei::padd(r, ei::pset1<P>(1.0f)));  // exp(r)
+  const PI e = ei::plogical_shift_left<23>(ei::pcast<P, PI>(n));
+  y = ei::preinterpret<P>(ei::padd(ei::preinterpret<PI>(y), e));  // exp(r) * 2^n
+  return ei::pandnot(y, ei::pcmp_lt(x, lo));
+}
+#endif
+
+// max(a, b) that keeps a NaN from either side (std::max drops a NaN second operand).
+template <typename T>
+inline T nan_max(T a, T b) {
+  return std::isnan(a) || std::isnan(b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+}
+
 template <DType D>
 struct Kernel {
   using Store = typename Types<D>::Store;
@@ -348,6 +386,35 @@ struct Kernel {
   template <typename A>
   static auto exp_shifted(const A& s, T m) {
     return ((s - m).exp() - exp_floor()).max(T(0));
+  }
+
+  // P = exp(s - m) over one score row in place (m is the row max, so s - m <= 0), returning
+  // the row sum; removed keys (-inf) give exactly 0.
+  static T exp_row(T* s, int64_t n, T m) {
+#ifdef SDPA_FAST_EXP
+    if constexpr (std::is_same_v<T, float>) {
+      namespace ei = Eigen::internal;
+      using P = ei::packet_traits<float>::type;
+      constexpr int64_t W = ei::packet_traits<float>::size;
+      const P vm = ei::pset1<P>(m);
+      P total = ei::pset1<P>(0.0f);
+      int64_t c = 0;
+      for (; c + W <= n; c += W) {
+        const P e = exp_nonpositive(ei::psub(ei::ploadu<P>(s + c), vm));
+        ei::pstoreu(s + c, e);
+        total = ei::padd(total, e);
+      }
+      float sum = ei::predux(total);
+      for (; c < n; ++c) {
+        s[c] = std::exp(s[c] - m);  // std::exp(-inf) is 0
+        sum += s[c];
+      }
+      return sum;
+    }
+#endif
+    auto a = Eigen::Map<RowVec<T>>(s, n).array();
+    a = exp_shifted(a, m);
+    return a.sum();
   }
 
   // Scores of keys [j0, j0 + nk) for the tile's rows into ws.Sb, every score modifier applied
@@ -431,15 +498,20 @@ struct Kernel {
     bool live = false;
     for (int64_t r = 0; r < nr; ++r) {
       auto srow = Sb.row(r).array();
-      const T m_new = std::max(ws.m[r], srow.maxCoeff());
-      if (m_new == kNegInf) {  // nothing to attend to in this row so far
-        srow.setZero();
-        continue;
+      T m_new = nan_max(ws.m[r], srow.maxCoeff());
+      if (m_new == kNegInf) {
+        // Nothing to attend to in this row so far, unless the max skipped a NaN score (the fast
+        // max may): NaN must reach the output as NaN, as in the reference. Elsewhere a NaN
+        // score turns exp and the row sum into NaN by itself.
+        if (!srow.hasNaN()) {
+          srow.setZero();
+          continue;
+        }
+        m_new = std::numeric_limits<T>::quiet_NaN();
       }
       live = true;
       const T alpha = std::exp(ws.m[r] - m_new);  // 0 when m was -inf
-      srow = exp_shifted(srow, m_new);
-      ws.l[r] = ws.l[r] * alpha + srow.sum();
+      ws.l[r] = ws.l[r] * alpha + exp_row(ws.Sb + r * ws.kb, nk, m_new);
       ws.m[r] = m_new;
       if (alpha != T(1)) acc.row(r) *= alpha;
     }
@@ -467,7 +539,7 @@ struct Kernel {
       for (int64_t r = 0; r < nr; ++r) {
         T* srow = ws.Sb + r * ws.kb;
         const T l = ws.l[r];
-        if (!scored || !(l > T(0))) {
+        if (!scored || l == T(0)) {  // (a NaN l falls through: NaN weights, as in the reference)
           std::fill(srow, srow + nk, T(0));
         } else {
           auto a = Eigen::Map<RowVec<T>>(srow, nk).array();
@@ -480,12 +552,13 @@ struct Kernel {
 
   // Writes out = acc / l (0 for a row with no key) and lse = m + log(l) (-inf for such a row).
   static void write_row(const Problem& p, const RowInfo& ri, const T* acc_row, T m, T l) {
-    const T inv = l > T(0) ? T(1) / l : T(0);
+    // l == 0: the row had no key left (output 0, lse -inf). A NaN l (NaN in the inputs) stays NaN.
+    const T inv = l == T(0) ? T(0) : T(1) / l;
     auto* out = static_cast<Store*>(const_cast<void*>(p.out.data));
     convert_row<T>(out + ri.out_off, p.out.col_stride, acc_row, 1, p.Ev, inv);
     if (p.lse.data) {
       auto* lse = static_cast<T*>(const_cast<void*>(p.lse.data));
-      lse[ri.lse_off] = l > T(0) ? m + std::log(l) : kNegInf;
+      lse[ri.lse_off] = l == T(0) ? kNegInf : m + std::log(l);
     }
   }
 
@@ -515,7 +588,7 @@ struct Kernel {
       for (int64_t r = 0; r < nr; ++r) {
         T m = kNegInf;
         for (int64_t s = 0; s < plan.n_splits; ++s)
-          m = std::max(m, base[(s * plan.row_tile + r) * rec]);
+          m = nan_max(m, base[(s * plan.row_tile + r) * rec]);
         Eigen::Map<RowVec<T>> acc(ws.acc, p.Ev);
         acc.setZero();
         T l = 0;
