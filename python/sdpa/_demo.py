@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import reference
-from .api import scaled_dot_product_attention
+from .api import attention_weights, scaled_dot_product_attention
 
 
 def main() -> int:
@@ -17,11 +17,10 @@ def main() -> int:
     q, k, v = x @ w_q, x @ w_k, x @ w_v
 
     out = scaled_dot_product_attention(q, k, v)
-    # The weights are attention applied to the identity: softmax(q k^T / sqrt(d)) @ I.
-    weights = scaled_dot_product_attention(q, k, np.eye(len(words)))
+    weights = attention_weights(q, k)  # softmax(q k^T / sqrt(d)), row i: token i's attention
 
     ref_out = reference.scaled_dot_product_attention(q, k, v)
-    ref_weights = reference.scaled_dot_product_attention(q, k, np.eye(len(words)))
+    ref_weights = reference.attention_weights(q, k)
 
     np.set_printoptions(precision=4, suppress=True)
     print(f"tokens: {' '.join(words)}")
