@@ -375,19 +375,6 @@ struct Kernel {
     }
   }
 
-  // exp(s - m) with removed keys (s = -inf) exactly 0. Eigen's vectorised exp clamps its input
-  // (to about -88 in float) and so returns a tiny positive `floor` for -inf; subtracting that
-  // floor and clipping at 0 stays vectorised (Eigen 3.4's select is not) and changes no other
-  // value measurably: m is the row max, so the values that matter are near 1 >> floor.
-  static T exp_floor() {
-    static const T floor = Eigen::Array<T, 64, 1>::Constant(kNegInf).exp().maxCoeff();
-    return floor;
-  }
-  template <typename A>
-  static auto exp_shifted(const A& s, T m) {
-    return ((s - m).exp() - exp_floor()).max(T(0));
-  }
-
   // P = exp(s - m) over one score row in place (m is the row max, so s - m <= 0), returning
   // the row sum; removed keys (-inf) give exactly 0.
   static T exp_row(T* s, int64_t n, T m) {
@@ -412,8 +399,13 @@ struct Kernel {
       return sum;
     }
 #endif
+    // Eigen's vectorised exp clamps its input (to about -88 in float) and so returns a tiny
+    // positive `floor` for -inf; subtracting that floor and clipping at 0 stays vectorised
+    // (Eigen 3.4's select is not) and changes no other value measurably: m is the row max, so
+    // the values that matter are near 1 >> floor.
+    static const T floor = Eigen::Array<T, 64, 1>::Constant(kNegInf).exp().maxCoeff();
     auto a = Eigen::Map<RowVec<T>>(s, n).array();
-    a = exp_shifted(a, m);
+    a = ((a - m).exp() - floor).max(T(0));
     return a.sum();
   }
 
@@ -539,13 +531,14 @@ struct Kernel {
       for (int64_t r = 0; r < nr; ++r) {
         T* srow = ws.Sb + r * ws.kb;
         const T l = ws.l[r];
+        T inv_l = T(0);
         if (!scored || l == T(0)) {  // (a NaN l falls through: NaN weights, as in the reference)
           std::fill(srow, srow + nk, T(0));
         } else {
-          auto a = Eigen::Map<RowVec<T>>(srow, nk).array();
-          a = exp_shifted(a, ws.m[r]) * (T(1) / l);
+          exp_row(srow, nk, ws.m[r]);  // the same exp as the first pass, so rows sum to l / l
+          inv_l = T(1) / l;
         }
-        convert_row<T>(w + ws.rows[r].w_off + j0 * cs, cs, srow, 1, nk, T(1));
+        convert_row<T>(w + ws.rows[r].w_off + j0 * cs, cs, srow, 1, nk, inv_l);
       }
     }
   }
