@@ -289,7 +289,10 @@ inline Eigen::internal::packet_traits<float>::type exp_nonpositive(
     const Eigen::internal::packet_traits<float>::type& x) {
   namespace ei = Eigen::internal;
   using P = ei::packet_traits<float>::type;
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // (__m512 as a template argument)
   using PI = ei::unpacket_traits<P>::integer_packet;
+#pragma GCC diagnostic pop
   const P lo = ei::pset1<P>(-86.0f);
   const P xc = ei::pmax(x, lo);
   // x = n ln2 + r, |r| <= ln2 / 2, ln2 split in two parts for the reduction.
