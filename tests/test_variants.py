@@ -202,6 +202,22 @@ def test_alibi_with_float_mask_and_window(isa, rng):
     check_empty_rows(q, k, v, mask, alibi_slopes=slopes_of(rng, (B, H)), window=(40, 10))
 
 
+@pytest.mark.parametrize(
+    ("L", "S", "kv_length", "alignment"),
+    [(1, 1024, 617, "bottom_right"), (3, 1500, 100, "bottom_right"), (40, 300, 50, "top_left")],
+    ids=["decode", "decode-3", "prefill"],
+)
+def test_alibi_far_from_the_diagonal_keeps_float32_precision(isa, rng, L, S, kv_length, alignment):
+    # Every surviving key lies hundreds of positions from the diagonal, so the ALiBi biases are
+    # ~-400: in float32 the scores would lose their low digits (hypothesis found a 2e-5 error)
+    # unless the kernel measures the bias from the nearest surviving key.
+    q, k = (rng.standard_normal((1, 1, n, 12)).astype(np.float32) for n in (L, S))
+    v = rng.standard_normal((1, 1, S, 5)).astype(np.float32)
+    check_lse(
+        q, k, v, alignment=alignment, alibi_slopes=np.array([0.96]), kv_lengths=np.array([kv_length])
+    )
+
+
 def test_alibi_float16(isa, rng):
     q, k, v = qkv(rng, 65, 300, np.float16)
     check(q, k, v, alibi_slopes=slopes_of(rng, (H,)), is_causal=True, alignment="bottom_right")

@@ -80,6 +80,11 @@ struct RowInfo {
   int64_t lo, hi;  // keys [lo, hi) survive causal/window/kv_length
   int64_t diag;    // the row's diagonal key (alignment)
   double slope;    // ALiBi slope (0 when absent)
+  // Distance from the diagonal to the nearest surviving key. The kernel adds slope * near to the
+  // row's ALiBi scores (softmax is shift-invariant; the lse takes it back out), so that the
+  // scores that carry the weight stay near 0 in magnitude and keep their float precision even
+  // when every surviving key lies far from the diagonal.
+  int64_t near;
 };
 
 // Per-worker scratch, carved from the driver's buffer (each region 64-byte aligned):
@@ -180,6 +185,7 @@ void describe_rows(const Problem& p, const OuterOffsets& o, int64_t t0, int64_t 
     ri.lo = std::max<int64_t>(lo, 0);
     ri.hi = std::max(std::min(hi, p.S), ri.lo);
     ri.slope = 0;
+    ri.near = ri.diag < ri.lo ? ri.lo - ri.diag : ri.diag >= ri.hi ? ri.diag - (ri.hi - 1) : 0;
     if (p.alibi.data) {
       const auto* s = static_cast<const double*>(p.alibi.data);
       ri.slope = s[o.alibi + g * p.alibi.batch_stride[gd]];
@@ -458,8 +464,8 @@ struct Kernel {
         const T slope = static_cast<T>(rows[r].slope);
         if (slope == T(0)) continue;
         T* srow = ws.Sb + r * ws.kb;
-        const int64_t d = rows[r].diag - j0;  // |j - diag| = |c - d|
-        for (int64_t c = 0; c < nk; ++c) srow[c] -= slope * static_cast<T>(std::abs(c - d));
+        const int64_t d = rows[r].diag - j0, near = rows[r].near;  // |j - diag| = |c - d|
+        for (int64_t c = 0; c < nk; ++c) srow[c] -= slope * static_cast<T>(std::abs(c - d) - near);
       }
     }
     if (!full) {
@@ -554,7 +560,8 @@ struct Kernel {
     convert_row<T>(out + ri.out_off, p.out.col_stride, acc_row, 1, p.Ev, inv);
     if (p.lse.data) {
       auto* lse = static_cast<T*>(const_cast<void*>(p.lse.data));
-      lse[ri.lse_off] = l == T(0) ? kNegInf : m + std::log(l);
+      // (less the ALiBi shift of the row's scores, see RowInfo::near)
+      lse[ri.lse_off] = l == T(0) ? kNegInf : m + std::log(l) - static_cast<T>(ri.slope) * ri.near;
     }
   }
 
