@@ -214,7 +214,12 @@ def test_alibi_far_from_the_diagonal_keeps_float32_precision(isa, rng, L, S, kv_
     q, k = (rng.standard_normal((1, 1, n, 12)).astype(np.float32) for n in (L, S))
     v = rng.standard_normal((1, 1, S, 5)).astype(np.float32)
     check_lse(
-        q, k, v, alignment=alignment, alibi_slopes=np.array([0.96]), kv_lengths=np.array([kv_length])
+        q,
+        k,
+        v,
+        alignment=alignment,
+        alibi_slopes=np.array([0.96]),
+        kv_lengths=np.array([kv_length]),
     )
 
 
