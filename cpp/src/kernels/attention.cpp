@@ -22,6 +22,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "panel.hpp"
 #include "sdpa/sdpa.hpp"
 
 #ifndef SDPA_ISA_NAME
@@ -72,7 +73,13 @@ constexpr size_t kAlign = 64;
 // Up to this many query rows in a tile (decode, GQA groups), the block products run as one
 // streaming pass over K and V: a GEMM would spend more time packing them than multiplying.
 constexpr int64_t kGemvRows = 8;
+// Keys per chunk of the panel path's P.V: a chunk of P^T (64 x 48 floats, 12 KB) stays in L1
+// while every column block of V is multiplied with it.
+constexpr int64_t kPanelKeys = 64;
 inline size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+inline int64_t round_up_rows(int64_t n) {
+  return (n + panel::kRowQuantum - 1) / panel::kRowQuantum * panel::kRowQuantum;
+}
 
 // What each query row of the tile needs, gathered once per tile.
 struct RowInfo {
@@ -88,27 +95,32 @@ struct RowInfo {
 };
 
 // Per-worker scratch, carved from the driver's buffer (each region 64-byte aligned):
-// (Bq = plan.row_tile query rows, Bk = plan.key_block keys):
+// (Bq = plan.row_tile query rows rounded up to panel::kRowQuantum, Bk = plan.key_block keys):
 //   Qs    [Bq x E]    query tile, converted and multiplied by scale
 //   Sb    [Bq x Bk]   scores, then probabilities (leading dimension kb = Bk)
 //   acc   [Bq x Ev]   unnormalised output
+// (row-major in the general path; the panel path keeps Qs, Sb and acc as consecutive panels of
+// up to kPanelRows rows, each in the transposed panel layout of panel.hpp)
 //   Kc    [Bk x E]    key block converted to T (only when K is not mappable)
 //   Vc    [Bk x Ev]   value block converted to T (only when V is not mappable)
 //   m, l  [Bq] each   running max and running sum
 //   rows  [Bq]        RowInfo
+//   Tr    [W x max(E, Ev)]  the panel path's rows on their way into or out of a panel (W lanes)
 template <typename T>
 struct Scratch {
-  T *Qs, *Sb, *acc, *Kc, *Vc, *m, *l;
+  T *Qs, *Sb, *acc, *Kc, *Vc, *m, *l, *Tr;
   RowInfo* rows;
   int64_t kb;  // keys per block, the leading dimension of Sb
 
   // Visits each region's size in bytes, in layout order.
   template <typename F>
   static void layout(const Problem& p, const Plan& plan, F&& f) {
-    const size_t bq = static_cast<size_t>(plan.row_tile), bk = static_cast<size_t>(plan.key_block);
+    const size_t bq = static_cast<size_t>(round_up_rows(plan.row_tile));
+    const size_t bk = static_cast<size_t>(plan.key_block);
     const size_t E = static_cast<size_t>(p.E), Ev = static_cast<size_t>(p.Ev);
     for (size_t n : {bq * E, bq * bk, bq * Ev, bk * E, bk * Ev, bq, bq}) f(sizeof(T) * n);
     f(sizeof(RowInfo) * bq);
+    f(sizeof(T) * panel::kW * std::max(E, Ev));
   }
 
   static size_t bytes(const Problem& p, const Plan& plan) {
@@ -120,7 +132,7 @@ struct Scratch {
   Scratch(const Problem& p, const Plan& plan, void* buffer) : kb(plan.key_block) {
     auto base = reinterpret_cast<uintptr_t>(buffer);
     char* c = reinterpret_cast<char*>((base + kAlign - 1) / kAlign * kAlign);
-    char* region[8];
+    char* region[9];
     int i = 0;
     layout(p, plan, [&](size_t n) {
       region[i++] = c;
@@ -134,6 +146,7 @@ struct Scratch {
     m = reinterpret_cast<T*>(region[5]);
     l = reinterpret_cast<T*>(region[6]);
     rows = reinterpret_cast<RowInfo*>(region[7]);
+    Tr = reinterpret_cast<T*>(region[8]);
   }
 };
 
@@ -283,41 +296,6 @@ ConstMatMap<T> key_side_block(const View& view, int64_t base, int64_t j0, int64_
   return ConstMatMap<T>(buffer, nk, D, Eigen::OuterStride<>(D));
 }
 
-#if defined(EIGEN_VECTORIZE_AVX512) || defined(EIGEN_VECTORIZE_AVX2)
-#define SDPA_FAST_EXP 1
-// exp(x) for x <= 0, as the online softmax needs it (x = s - m, m the row max): Eigen's Cephes
-// polynomial on the reduced argument, with cheaper range handling than the general pexp. Below
-// -86 (and for -inf, a removed key) the result is exactly 0 (under 1e-37 of the row max, so
-// nothing is lost), which keeps 2^n a normal number that an integer add to the exponent field
-// can apply. NaN stays NaN (pmax keeps its first operand's NaN; cvtt turns NaN into INT_MIN,
-// whose shift adds 0 to the exponent).
-inline Eigen::internal::packet_traits<float>::type exp_nonpositive(
-    const Eigen::internal::packet_traits<float>::type& x) {
-  namespace ei = Eigen::internal;
-  using P = ei::packet_traits<float>::type;
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wignored-attributes"  // (__m512 as a template argument)
-  using PI = ei::unpacket_traits<P>::integer_packet;
-#pragma GCC diagnostic pop
-  const P lo = ei::pset1<P>(-86.0f);
-  const P xc = ei::pmax(x, lo);
-  // x = n ln2 + r, |r| <= ln2 / 2, ln2 split in two parts for the reduction.
-  const P n = ei::pfloor(ei::pmadd(xc, ei::pset1<P>(1.44269504088896341f), ei::pset1<P>(0.5f)));
-  P r = ei::pmadd(n, ei::pset1<P>(-0.693359375f), xc);
-  r = ei::pmadd(n, ei::pset1<P>(2.12194440e-4f), r);
-  const P r2 = ei::pmul(r, r);
-  P y = ei::pmadd(ei::pset1<P>(1.9875691500e-4f), r, ei::pset1<P>(1.3981999507e-3f));
-  P y1 = ei::pmadd(ei::pset1<P>(4.1665795894e-2f), r, ei::pset1<P>(1.6666665459e-1f));
-  y = ei::pmadd(y, r, ei::pset1<P>(8.3334519073e-3f));
-  y1 = ei::pmadd(y1, r, ei::pset1<P>(5.0000001201e-1f));
-  y = ei::pmadd(y, ei::pmul(r2, r), y1);
-  y = ei::pmadd(y, r2, ei::padd(r, ei::pset1<P>(1.0f)));  // exp(r)
-  const PI e = ei::plogical_shift_left<23>(ei::pcast<P, PI>(n));
-  y = ei::preinterpret<P>(ei::padd(ei::preinterpret<PI>(y), e));  // exp(r) * 2^n
-  return ei::pandnot(y, ei::pcmp_lt(x, lo));
-}
-#endif
-
 // max(a, b) that keeps a NaN from either side (std::max drops a NaN second operand).
 template <typename T>
 inline T nan_max(T a, T b) {
@@ -341,16 +319,6 @@ struct Kernel {
     RowInfo* rows = ws.rows;
     describe_rows(p, o, t0, nr, rows);
 
-    // Q_tile (nr x E) = scale * q rows, in T.
-    const auto* q = static_cast<const Store*>(p.q.data);
-    for (int64_t r = 0; r < nr; ++r)
-      convert_row<T>(ws.Qs + r * p.E, 1, q + rows[r].q_off, p.q.col_stride, p.E, T(p.scale));
-    ConstMatMap<T> Qt(ws.Qs, nr, p.E, Eigen::OuterStride<>(p.E));
-    MatMap<T> acc(ws.acc, nr, p.Ev, Eigen::OuterStride<>(p.Ev));
-    acc.setZero();
-    std::fill(ws.m, ws.m + nr, kNegInf);
-    std::fill(ws.l, ws.l + nr, T(0));
-
     // Keys this item visits: the union of the rows' [lo, hi) within this split's chunk.
     int64_t jlo = p.S, jhi = 0;
     for (int64_t r = 0; r < nr; ++r) {
@@ -363,27 +331,204 @@ struct Kernel {
       jhi = std::min(jhi, (split + 1) * plan.split_len);
     }
 
-    for (int64_t j0 = jlo; j0 < jhi; j0 += ws.kb) {
-      const int64_t nk = std::min(ws.kb, jhi - j0);
-      process_block(p, o, nr, j0, nk, ws, Qt, acc);
-    }
-    if (p.weights.data) write_weights(p, o, nr, ws, Qt);
-
-    if (plan.n_splits == 1) {
-      finish_rows(p, nr, ws);
+    const bool panels = use_panels(p, nr);
+    if (panels) {
+      run_panels(p, o, nr, jlo, jhi, ws);
     } else {
-      // Partial record per row: (m, l, acc[Ev]).
-      const int64_t rec = p.Ev + 2;
-      T* dst = static_cast<T*>(plan.partials) +
-               ((outer * plan.n_row_tiles + tile) * plan.n_splits + split) * plan.row_tile * rec;
-      for (int64_t r = 0; r < nr; ++r) {
-        dst[r * rec] = ws.m[r];
-        dst[r * rec + 1] = ws.l[r];
-        std::copy(ws.acc + r * p.Ev, ws.acc + (r + 1) * p.Ev, dst + r * rec + 2);
+      // Q_tile (nr x E) = scale * q rows, in T.
+      const auto* q = static_cast<const Store*>(p.q.data);
+      for (int64_t r = 0; r < nr; ++r)
+        convert_row<T>(ws.Qs + r * p.E, 1, q + rows[r].q_off, p.q.col_stride, p.E, T(p.scale));
+      ConstMatMap<T> Qt(ws.Qs, nr, p.E, Eigen::OuterStride<>(p.E));
+      MatMap<T> acc(ws.acc, nr, p.Ev, Eigen::OuterStride<>(p.Ev));
+      acc.setZero();
+      std::fill(ws.m, ws.m + nr, kNegInf);
+      std::fill(ws.l, ws.l + nr, T(0));
+      for (int64_t j0 = jlo; j0 < jhi; j0 += ws.kb) {
+        const int64_t nk = std::min(ws.kb, jhi - j0);
+        process_block(p, o, nr, j0, nk, ws, Qt, acc);
+      }
+      if (p.weights.data) write_weights(p, o, nr, ws, Qt);
+    }
+
+    // Row r's accumulator (Ev values) to the output, or to its partial record under split-K.
+    auto finish = [&](int64_t r, const T* acc_row) {
+      if (plan.n_splits == 1) {
+        write_row(p, rows[r], acc_row, ws.m[r], ws.l[r]);
+        return;
+      }
+      const int64_t rec = p.Ev + 2;  // (m, l, acc[Ev])
+      T* dst =
+          static_cast<T*>(plan.partials) +
+          (((outer * plan.n_row_tiles + tile) * plan.n_splits + split) * plan.row_tile + r) * rec;
+      dst[0] = ws.m[r];
+      dst[1] = ws.l[r];
+      std::copy(acc_row, acc_row + p.Ev, dst + 2);
+    };
+    if (!panels) {
+      for (int64_t r = 0; r < nr; ++r) finish(r, ws.acc + r * p.Ev);
+      return;
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      // acc^T of each panel back into rows, kW lanes at a time: Tr (kW x Ev).
+      const panel::PanelSplit split_rows(nr);
+      for (int64_t pi = 0; pi < split_rows.n_panels; ++pi) {
+        const int64_t r0 = split_rows.first_row(pi), pr = split_rows.rows(pi);
+        const int64_t ld = split_rows.ld(pi);
+        for (int64_t i0 = 0; i0 < pr; i0 += panel::kW) {
+          panel::transpose_from_lanes(ws.acc + r0 * p.Ev + i0, ld, p.Ev, ws.Tr, p.Ev);
+          for (int64_t i = 0; i < panel::kW && i0 + i < pr; ++i)
+            finish(r0 + i0 + i, ws.Tr + i * p.Ev);
+        }
       }
     }
   }
 
+  // The panel path (panel.hpp) serves float compute without per-score modifiers (masks, ALiBi,
+  // softcap; causal, windows and kv_lengths are key ranges, which it handles) and without
+  // attention_weights, for tiles of more than kGemvRows rows.
+  static bool use_panels(const Problem& p, int64_t nr) {
+    return std::is_same_v<T, float> && nr > kGemvRows && p.mask_kind == MaskKind::none &&
+           !p.alibi.data && !(p.softcap > 0) && !p.weights.data;
+  }
+
+  // Rows [0, nr) of the tile over keys [jlo, jhi), in the panels of PanelSplit. Leaves the
+  // running max and sum in ws.m, ws.l and acc^T in ws.acc (panel layout).
+  static void run_panels(const Problem& p, const OuterOffsets& o, int64_t nr, int64_t jlo,
+                         int64_t jhi, Scratch<T>& ws) {
+    if constexpr (std::is_same_v<T, float>) {
+      const RowInfo* rows = ws.rows;
+      const panel::PanelSplit panels(nr);
+      // Per panel: Q^T (E x ld) = scale * q rows (padding lanes 0), acc^T (Ev x ld) = 0, m = -inf,
+      // l = 0.
+      const auto* q = static_cast<const Store*>(p.q.data);
+      for (int64_t pi = 0; pi < panels.n_panels; ++pi) {
+        const int64_t r0 = panels.first_row(pi), pr = panels.rows(pi), ld = panels.ld(pi);
+        T* qt = ws.Qs + r0 * p.E;
+        for (int64_t i0 = 0; i0 < ld; i0 += panel::kW) {
+          // Tr (kW x E) = the next kW rows (0 past the tile's last), then into lanes i0...
+          for (int64_t i = 0; i < panel::kW; ++i) {
+            T* dst = ws.Tr + i * p.E;
+            if (i0 + i < pr)
+              convert_row<T>(dst, 1, q + rows[r0 + i0 + i].q_off, p.q.col_stride, p.E, T(p.scale));
+            else
+              std::fill(dst, dst + p.E, T(0));
+          }
+          panel::transpose_to_lanes(ws.Tr, p.E, p.E, qt + i0, ld);
+        }
+        std::fill(ws.acc + r0 * p.Ev, ws.acc + r0 * p.Ev + ld * p.Ev, T(0));
+        std::fill(ws.m + r0, ws.m + r0 + ld, kNegInf);
+        std::fill(ws.l + r0, ws.l + r0 + ld, T(0));
+      }
+
+      for (int64_t j0 = jlo; j0 < jhi; j0 += ws.kb) {
+        const int64_t nk = std::min(ws.kb, jhi - j0);
+        const ConstMatMap<T> Kb = key_side_block<T, Store>(p.k, o.k, j0, nk, p.E, ws.Kc);
+        const ConstMatMap<T> Vb = key_side_block<T, Store>(p.v, o.v, j0, nk, p.Ev, ws.Vc);
+        for (int64_t pi = 0; pi < panels.n_panels; ++pi) {
+          const int64_t r0 = panels.first_row(pi), pr = panels.rows(pi), ld = panels.ld(pi);
+          // Keys [c0, c1) of the block that some row of the panel attends; full when every row
+          // attends all of them.
+          int64_t c0 = nk, c1 = 0;
+          for (int64_t i = 0; i < pr; ++i) {
+            const int64_t a = std::clamp<int64_t>(rows[r0 + i].lo - j0, 0, nk);
+            const int64_t b = std::clamp<int64_t>(rows[r0 + i].hi - j0, 0, nk);
+            if (a >= b) continue;
+            c0 = std::min(c0, a);
+            c1 = std::max(c1, b);
+          }
+          if (c0 >= c1) continue;
+          bool full = true;
+          for (int64_t i = 0; i < pr; ++i)
+            full &= rows[r0 + i].lo <= j0 + c0 && rows[r0 + i].hi >= j0 + c1;
+          const PanelBlock blk{p.E,
+                               p.Ev,
+                               Kb.data() + c0 * Kb.outerStride(),
+                               Kb.outerStride(),
+                               Vb.data() + c0 * Vb.outerStride(),
+                               Vb.outerStride(),
+                               c1 - c0,
+                               full ? nullptr : rows + r0,
+                               pr,
+                               j0 + c0,
+                               ws.Qs + r0 * p.E,
+                               ws.Sb + r0 * ws.kb,
+                               ws.acc + r0 * p.Ev,
+                               ws.m + r0,
+                               ws.l + r0};
+          switch (ld / panel::kW) {
+            case 1:
+              panel_block<1>(blk);
+              break;
+            case 2:
+              panel_block<2>(blk);
+              break;
+            default:
+              panel_block<3>(blk);
+              break;
+          }
+        }
+      }
+    }
+  }
+
+  // One panel against nc keys of a block (keys j_first .. j_first + nc - 1 of the sequence).
+  struct PanelBlock {
+    int64_t E, Ev;
+    const T* k;  // K rows (nc x E), ldk apart
+    int64_t ldk;
+    const T* v;  // V rows (nc x Ev), ldv apart
+    int64_t ldv;
+    int64_t nc;
+    const RowInfo* rows;  // the panel's rows when some keys are removed for some rows, else null
+    int64_t n_rows, j_first;
+    const T* qt;  // Q^T (E x ld)
+    T* pt;        // P^T (nc x ld)
+    T* acc;       // acc^T (Ev x ld)
+    T* m;         // running max (ld)
+    T* l;         // running sum (ld)
+  };
+
+  template <int MP>
+  static void panel_block(const PanelBlock& b) {
+    using panel::kNR;
+    using panel::Packet;
+    constexpr int64_t ld = MP * panel::kW;
+    // P^T (nc x ld) = K_blk (nc x E) Q_panel^T (E x ld), and its per-row max.
+    Packet vmax[MP];
+    for (auto& x : vmax) x = Eigen::internal::pset1<Packet>(kNegInf);
+    int64_t c = 0;
+    for (; c + kNR <= b.nc; c += kNR)
+      panel::score_tile<MP, kNR>(b.qt, b.E, b.k + c * b.ldk, b.ldk, b.pt + c * ld, vmax);
+    for (; c < b.nc; ++c)
+      panel::score_tile<MP, 1>(b.qt, b.E, b.k + c * b.ldk, b.ldk, b.pt + c * ld, vmax);
+    if (b.rows) {
+      // Removed keys -> -inf, row by row (a lane of the panel each), then the max again.
+      for (int64_t i = 0; i < b.n_rows; ++i) {
+        const int64_t lo = std::clamp<int64_t>(b.rows[i].lo - b.j_first, 0, b.nc);
+        const int64_t hi = std::clamp<int64_t>(b.rows[i].hi - b.j_first, lo, b.nc);
+        for (int64_t cc = 0; cc < lo; ++cc) b.pt[cc * ld + i] = kNegInf;
+        for (int64_t cc = hi; cc < b.nc; ++cc) b.pt[cc * ld + i] = kNegInf;
+      }
+      for (auto& x : vmax) x = Eigen::internal::pset1<Packet>(kNegInf);
+      panel::column_max<MP>(b.pt, b.nc, vmax);
+    }
+    Packet alpha[MP];
+    panel::softmax_step<MP>(b.pt, b.nc, vmax, b.m, b.l, alpha);
+
+    // acc^T (Ev x ld) = alpha * acc^T + V_blk^T (Ev x nc) P^T (nc x ld), keys in chunks of
+    // kPanelKeys so that the chunk of P^T (kPanelKeys x ld) stays in L1 across the columns.
+    for (int64_t c0 = 0; c0 < b.nc; c0 += kPanelKeys) {
+      const int64_t n = std::min(kPanelKeys, b.nc - c0);
+      const Packet* scale = c0 == 0 ? alpha : nullptr;
+      const T* pt = b.pt + c0 * ld;
+      const T* v = b.v + c0 * b.ldv;
+      int64_t d = 0;
+      for (; d + kNR <= b.Ev; d += kNR)
+        panel::pv_tile<MP, kNR>(pt, n, v + d, b.ldv, b.acc + d * ld, scale);
+      for (; d < b.Ev; ++d) panel::pv_tile<MP, 1>(pt, n, v + d, b.ldv, b.acc + d * ld, scale);
+    }
+  }
   // P = exp(s - m) over one score row in place (m is the row max, so s - m <= 0), returning
   // the row sum; removed keys (-inf) give exactly 0.
   static T exp_row(T* s, int64_t n, T m) {
@@ -396,7 +541,7 @@ struct Kernel {
       P total = ei::pset1<P>(0.0f);
       int64_t c = 0;
       for (; c + W <= n; c += W) {
-        const P e = exp_nonpositive(ei::psub(ei::ploadu<P>(s + c), vm));
+        const P e = panel::exp_nonpositive(ei::psub(ei::ploadu<P>(s + c), vm));
         ei::pstoreu(s + c, e);
         total = ei::padd(total, e);
       }
@@ -563,10 +708,6 @@ struct Kernel {
       // (less the ALiBi shift of the row's scores, see RowInfo::near)
       lse[ri.lse_off] = l == T(0) ? kNegInf : m + std::log(l) - static_cast<T>(ri.slope) * ri.near;
     }
-  }
-
-  static void finish_rows(const Problem& p, int64_t nr, const Scratch<T>& ws) {
-    for (int64_t r = 0; r < nr; ++r) write_row(p, ws.rows[r], ws.acc + r * p.Ev, ws.m[r], ws.l[r]);
   }
 
   static void run_items(const Problem& p, const Plan& plan, int64_t begin, int64_t end,

@@ -1,0 +1,213 @@
+// Register-blocked micro-kernels of the fused float path (Kernel::run_item_panels in
+// attention.cpp; benchmarks/NOTES.md, section 13). Included by attention.cpp only, so that it is
+// compiled once per ISA with that variant's flags.
+//
+// Panel layout: a panel holds up to kPanelRows query rows laid across the lanes of MP packets
+// (MP <= kMaxPackets). An (X x rows) quantity of the panel is stored x-major: element (x, row) at
+// x * MP * kW + row. Q^T (E x rows), the scores/probabilities P^T (keys x rows) and the
+// accumulator acc^T (Ev x rows) all use it, so
+//  - every per-row step of the online softmax (max, exp, sum, rescale) is a vertical packet
+//    operation, with no horizontal reduction;
+//  - neither product packs anything: K and V are read in place, row by row, and broadcast.
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+namespace sdpa {
+namespace panel {
+
+namespace ei = Eigen::internal;
+using Packet = ei::packet_traits<float>::type;
+constexpr int kW = ei::packet_traits<float>::size;  // floats per packet: 16, 8 or 4
+constexpr int kMaxPackets = 3;                      // packets of query rows per panel
+constexpr int kPanelRows = kMaxPackets * kW;        // 48 (AVX-512), 24 (AVX2), 12 (SSE)
+// Keys (scores) or value columns (P.V) per register block: MP x kNR accumulators must fit in the
+// register file with room for the operands (32 zmm: 24 + 3 + 1; 16 ymm/xmm: 12 + 3 + 1).
+constexpr int kNR = kW >= 16 ? 8 : 4;
+// Rows of every per-worker panel buffer are rounded up to this (a multiple of kPanelRows on every
+// ISA), so that panels start 64-byte aligned.
+constexpr int64_t kRowQuantum = 48;
+static_assert(kRowQuantum % kPanelRows == 0, "panels must tile the row quantum");
+
+// How a tile of nr query rows splits into consecutive panels: its ceil(nr / kW) packets shared
+// out as evenly as possible, at most kMaxPackets to a panel. Even shares matter: a 1-packet
+// panel needs a broadcast per multiply-add and runs at about half the rate of a 3-packet one,
+// so 64 rows run as 32 + 32 rather than 48 + 16 (benchmarks/NOTES.md, section 13).
+struct PanelSplit {
+  int64_t nr, n_panels, base, extra;
+  explicit PanelSplit(int64_t rows) : nr(rows) {
+    const int64_t packets = (rows + kW - 1) / kW;
+    n_panels = (packets + kMaxPackets - 1) / kMaxPackets;
+    base = n_panels ? packets / n_panels : 0;
+    extra = n_panels ? packets % n_panels : 0;
+  }
+  int64_t packets(int64_t i) const { return base + (i < extra ? 1 : 0); }
+  int64_t first_row(int64_t i) const { return (i * base + std::min(i, extra)) * kW; }
+  int64_t ld(int64_t i) const { return packets(i) * kW; }  // lanes, padding included
+  int64_t rows(int64_t i) const { return std::min(ld(i), nr - first_row(i)); }
+};
+
+#if defined(EIGEN_VECTORIZE_AVX512) || defined(EIGEN_VECTORIZE_AVX2)
+#define SDPA_FAST_EXP 1
+// exp(x) for x <= 0, as the online softmax needs it (x = s - m, m the row max): Eigen's Cephes
+// polynomial on the reduced argument, with cheaper range handling than the general pexp. Below
+// -86 (and for -inf, a removed key) the result is exactly 0 (under 1e-37 of the row max, so
+// nothing is lost), which keeps 2^n a normal number that an integer add to the exponent field
+// can apply. NaN stays NaN (pmax keeps its first operand's NaN; cvtt turns NaN into INT_MIN,
+// whose shift adds 0 to the exponent).
+inline Packet exp_nonpositive(const Packet& x) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // (__m512 as a template argument)
+  using PI = ei::unpacket_traits<Packet>::integer_packet;
+#pragma GCC diagnostic pop
+  const Packet lo = ei::pset1<Packet>(-86.0f);
+  const Packet xc = ei::pmax(x, lo);
+  // x = n ln2 + r, |r| <= ln2 / 2, ln2 split in two parts for the reduction.
+  const Packet n =
+      ei::pfloor(ei::pmadd(xc, ei::pset1<Packet>(1.44269504088896341f), ei::pset1<Packet>(0.5f)));
+  Packet r = ei::pmadd(n, ei::pset1<Packet>(-0.693359375f), xc);
+  r = ei::pmadd(n, ei::pset1<Packet>(2.12194440e-4f), r);
+  const Packet r2 = ei::pmul(r, r);
+  Packet y = ei::pmadd(ei::pset1<Packet>(1.9875691500e-4f), r, ei::pset1<Packet>(1.3981999507e-3f));
+  Packet y1 =
+      ei::pmadd(ei::pset1<Packet>(4.1665795894e-2f), r, ei::pset1<Packet>(1.6666665459e-1f));
+  y = ei::pmadd(y, r, ei::pset1<Packet>(8.3334519073e-3f));
+  y1 = ei::pmadd(y1, r, ei::pset1<Packet>(5.0000001201e-1f));
+  y = ei::pmadd(y, ei::pmul(r2, r), y1);
+  y = ei::pmadd(y, r2, ei::padd(r, ei::pset1<Packet>(1.0f)));  // exp(r)
+  const PI e = ei::plogical_shift_left<23>(ei::pcast<Packet, PI>(n));
+  y = ei::preinterpret<Packet>(ei::padd(ei::preinterpret<PI>(y), e));  // exp(r) * 2^n
+  return ei::pandnot(y, ei::pcmp_lt(x, lo));
+}
+#else
+// Without AVX2: Eigen's general exp, sent to exactly 0 below -86 (Eigen clamps its argument and
+// would return a tiny positive number for -inf, a removed key).
+inline Packet exp_nonpositive(const Packet& x) {
+  return ei::pandnot(ei::pexp(x), ei::pcmp_lt(x, ei::pset1<Packet>(-86.0f)));
+}
+#endif
+
+// b (n x kW, rows ldb apart) = a^T for a (kW x n, rows lda apart): kW rows into the lanes of a
+// panel (Q into Q^T).
+inline void transpose_to_lanes(const float* a, int64_t lda, int64_t n, float* b, int64_t ldb) {
+  int64_t x = 0;
+  for (; x + kW <= n; x += kW) {
+    ei::PacketBlock<Packet, kW> blk;
+    for (int i = 0; i < kW; ++i) blk.packet[i] = ei::ploadu<Packet>(a + i * lda + x);
+    ei::ptranspose(blk);
+    for (int j = 0; j < kW; ++j) ei::pstoreu(b + (x + j) * ldb, blk.packet[j]);
+  }
+  for (; x < n; ++x)
+    for (int i = 0; i < kW; ++i) b[x * ldb + i] = a[i * lda + x];
+}
+
+// b (kW x n, rows ldb apart) = a^T for a (n x kW, rows lda apart): kW lanes of a panel back into
+// rows (acc^T into acc).
+inline void transpose_from_lanes(const float* a, int64_t lda, int64_t n, float* b, int64_t ldb) {
+  int64_t x = 0;
+  for (; x + kW <= n; x += kW) {
+    ei::PacketBlock<Packet, kW> blk;
+    for (int j = 0; j < kW; ++j) blk.packet[j] = ei::ploadu<Packet>(a + (x + j) * lda);
+    ei::ptranspose(blk);
+    for (int i = 0; i < kW; ++i) ei::pstoreu(b + i * ldb + x, blk.packet[i]);
+  }
+  for (; x < n; ++x)
+    for (int i = 0; i < kW; ++i) b[i * ldb + x] = a[x * lda + i];
+}
+
+// Scores of NR keys against one panel, written to p and folded into the running max:
+//   p[n][.] (NR x MP*kW) = Q_panel (rows x E) k_n, k_n = k + n * ldk (E floats each)
+//   vmax[.] = max(vmax[.], p[n][.])
+// qt: the panel's Q^T (E x MP*kW).
+template <int MP, int NR>
+inline void score_tile(const float* qt, int64_t E, const float* k, int64_t ldk, float* p,
+                       Packet* vmax) {
+  constexpr int ld = MP * kW;
+  Packet acc[NR][MP];
+  for (int n = 0; n < NR; ++n)
+    for (int i = 0; i < MP; ++i) acc[n][i] = ei::pzero(acc[n][i]);
+  for (int64_t e = 0; e < E; ++e) {
+    Packet a[MP];
+    for (int i = 0; i < MP; ++i) a[i] = ei::pload<Packet>(qt + e * ld + i * kW);
+    for (int n = 0; n < NR; ++n) {
+      const Packet b = ei::pset1<Packet>(k[n * ldk + e]);
+      for (int i = 0; i < MP; ++i) acc[n][i] = ei::pmadd(a[i], b, acc[n][i]);
+    }
+  }
+  for (int n = 0; n < NR; ++n)
+    for (int i = 0; i < MP; ++i) {
+      ei::pstore(p + n * ld + i * kW, acc[n][i]);
+      vmax[i] = ei::pmax(vmax[i], acc[n][i]);
+    }
+}
+
+// The running max of the panel's scores p[c][.] for c < nc (after removed keys were set to -inf).
+template <int MP>
+inline void column_max(const float* p, int64_t nc, Packet* vmax) {
+  constexpr int ld = MP * kW;
+  for (int64_t c = 0; c < nc; ++c)
+    for (int i = 0; i < MP; ++i)
+      vmax[i] = ei::pmax(vmax[i], ei::pload<Packet>(p + c * ld + i * kW));
+}
+
+// Online softmax step of one panel over nc keys whose scores are in p (P^T, nc x MP*kW), vmax
+// being their per-row max: with m the running max and l the running sum (MP*kW floats each),
+//   m_new = max(m, vmax);  alpha = exp(m - m_new);  p = exp(p - m_new);  l = alpha l + sum_c p
+// A row whose m_new is -inf (no key so far) uses 0 in place of m_new, so that its removed keys
+// give exp(-inf) = 0 and alpha = 0, never -inf - -inf. NaN scores make NaN rows, as they should.
+template <int MP>
+inline void softmax_step(float* p, int64_t nc, const Packet* vmax, float* m, float* l,
+                         Packet* alpha) {
+  constexpr int ld = MP * kW;
+  const Packet neg_inf = ei::pset1<Packet>(-std::numeric_limits<float>::infinity());
+  Packet m_use[MP], sum[MP];
+  for (int i = 0; i < MP; ++i) {
+    const Packet m_old = ei::pload<Packet>(m + i * kW);
+    const Packet m_new = ei::pmax(vmax[i], m_old);
+    m_use[i] = ei::pandnot(m_new, ei::pcmp_eq(m_new, neg_inf));
+    alpha[i] = exp_nonpositive(ei::psub(m_old, m_use[i]));
+    ei::pstore(m + i * kW, m_new);
+    sum[i] = ei::pzero(sum[i]);
+  }
+  for (int64_t c = 0; c < nc; ++c)
+    for (int i = 0; i < MP; ++i) {
+      float* x = p + c * ld + i * kW;
+      const Packet e = exp_nonpositive(ei::psub(ei::pload<Packet>(x), m_use[i]));
+      ei::pstore(x, e);
+      sum[i] = ei::padd(sum[i], e);
+    }
+  for (int i = 0; i < MP; ++i)
+    ei::pstore(l + i * kW, ei::pmadd(ei::pload<Packet>(l + i * kW), alpha[i], sum[i]));
+}
+
+// NR columns of the panel's accumulator, over nc keys:
+//   a[n][.] (NR x MP*kW) = scale[.] * a[n][.] + sum_c p[c][.] v_c[n],  v_c = v + c * ldv
+// p: P^T (nc x MP*kW); scale: MP packets, or null for none.
+template <int MP, int NR>
+inline void pv_tile(const float* p, int64_t nc, const float* v, int64_t ldv, float* a,
+                    const Packet* scale) {
+  constexpr int ld = MP * kW;
+  Packet acc[NR][MP];
+  for (int n = 0; n < NR; ++n)
+    for (int i = 0; i < MP; ++i) {
+      acc[n][i] = ei::pload<Packet>(a + n * ld + i * kW);
+      if (scale) acc[n][i] = ei::pmul(acc[n][i], scale[i]);
+    }
+  for (int64_t c = 0; c < nc; ++c) {
+    Packet x[MP];
+    for (int i = 0; i < MP; ++i) x[i] = ei::pload<Packet>(p + c * ld + i * kW);
+    const float* vc = v + c * ldv;
+    for (int n = 0; n < NR; ++n) {
+      const Packet b = ei::pset1<Packet>(vc[n]);
+      for (int i = 0; i < MP; ++i) acc[n][i] = ei::pmadd(x[i], b, acc[n][i]);
+    }
+  }
+  for (int n = 0; n < NR; ++n)
+    for (int i = 0; i < MP; ++i) ei::pstore(a + n * ld + i * kW, acc[n][i]);
+}
+
+}  // namespace panel
+}  // namespace sdpa
