@@ -20,6 +20,10 @@ namespace sdpa {
 namespace panel {
 
 namespace ei = Eigen::internal;
+
+// The register blocks below are arrays indexed by compile-time loop counters; GCC keeps them in
+// registers only when those loops are fully unrolled, which it does not always choose itself.
+#define SDPA_UNROLL _Pragma("GCC unroll 32")
 using Packet = ei::packet_traits<float>::type;
 constexpr int kW = ei::packet_traits<float>::size;  // floats per packet: 16, 8 or 4
 constexpr int kMaxPackets = 3;                      // packets of query rows per panel
@@ -96,12 +100,14 @@ inline void transpose_to_lanes(const float* a, int64_t lda, int64_t n, float* b,
   int64_t x = 0;
   for (; x + kW <= n; x += kW) {
     ei::PacketBlock<Packet, kW> blk;
+    SDPA_UNROLL
     for (int i = 0; i < kW; ++i) blk.packet[i] = ei::ploadu<Packet>(a + i * lda + x);
     ei::ptranspose(blk);
+    SDPA_UNROLL
     for (int j = 0; j < kW; ++j) ei::pstoreu(b + (x + j) * ldb, blk.packet[j]);
   }
-  for (; x < n; ++x)
-    for (int i = 0; i < kW; ++i) b[x * ldb + i] = a[i * lda + x];
+  for (; x < n; ++x) SDPA_UNROLL
+  for (int i = 0; i < kW; ++i) b[x * ldb + i] = a[i * lda + x];
 }
 
 // b (kW x n, rows ldb apart) = a^T for a (n x kW, rows lda apart): kW lanes of a panel back into
@@ -110,12 +116,14 @@ inline void transpose_from_lanes(const float* a, int64_t lda, int64_t n, float* 
   int64_t x = 0;
   for (; x + kW <= n; x += kW) {
     ei::PacketBlock<Packet, kW> blk;
+    SDPA_UNROLL
     for (int j = 0; j < kW; ++j) blk.packet[j] = ei::ploadu<Packet>(a + (x + j) * lda);
     ei::ptranspose(blk);
+    SDPA_UNROLL
     for (int i = 0; i < kW; ++i) ei::pstoreu(b + i * ldb + x, blk.packet[i]);
   }
-  for (; x < n; ++x)
-    for (int i = 0; i < kW; ++i) b[i * ldb + x] = a[x * lda + i];
+  for (; x < n; ++x) SDPA_UNROLL
+  for (int i = 0; i < kW; ++i) b[i * ldb + x] = a[x * lda + i];
 }
 
 // Scores of NR keys against one panel, written to p and folded into the running max:
@@ -127,30 +135,34 @@ inline void score_tile(const float* qt, int64_t E, const float* k, int64_t ldk, 
                        Packet* vmax) {
   constexpr int ld = MP * kW;
   Packet acc[NR][MP];
-  for (int n = 0; n < NR; ++n)
-    for (int i = 0; i < MP; ++i) acc[n][i] = ei::pzero(acc[n][i]);
+  SDPA_UNROLL
+  for (int n = 0; n < NR; ++n) SDPA_UNROLL
+  for (int i = 0; i < MP; ++i) acc[n][i] = ei::pzero(acc[n][i]);
   for (int64_t e = 0; e < E; ++e) {
     Packet a[MP];
+    SDPA_UNROLL
     for (int i = 0; i < MP; ++i) a[i] = ei::pload<Packet>(qt + e * ld + i * kW);
+    SDPA_UNROLL
     for (int n = 0; n < NR; ++n) {
       const Packet b = ei::pset1<Packet>(k[n * ldk + e]);
+      SDPA_UNROLL
       for (int i = 0; i < MP; ++i) acc[n][i] = ei::pmadd(a[i], b, acc[n][i]);
     }
   }
-  for (int n = 0; n < NR; ++n)
-    for (int i = 0; i < MP; ++i) {
-      ei::pstore(p + n * ld + i * kW, acc[n][i]);
-      vmax[i] = ei::pmax(vmax[i], acc[n][i]);
-    }
+  SDPA_UNROLL
+  for (int n = 0; n < NR; ++n) SDPA_UNROLL
+  for (int i = 0; i < MP; ++i) {
+    ei::pstore(p + n * ld + i * kW, acc[n][i]);
+    vmax[i] = ei::pmax(vmax[i], acc[n][i]);
+  }
 }
 
 // The running max of the panel's scores p[c][.] for c < nc (after removed keys were set to -inf).
 template <int MP>
 inline void column_max(const float* p, int64_t nc, Packet* vmax) {
   constexpr int ld = MP * kW;
-  for (int64_t c = 0; c < nc; ++c)
-    for (int i = 0; i < MP; ++i)
-      vmax[i] = ei::pmax(vmax[i], ei::pload<Packet>(p + c * ld + i * kW));
+  for (int64_t c = 0; c < nc; ++c) SDPA_UNROLL
+  for (int i = 0; i < MP; ++i) vmax[i] = ei::pmax(vmax[i], ei::pload<Packet>(p + c * ld + i * kW));
 }
 
 // Online softmax step of one panel over nc keys whose scores are in p (P^T, nc x MP*kW), vmax
@@ -164,6 +176,7 @@ inline void softmax_step(float* p, int64_t nc, const Packet* vmax, float* m, flo
   constexpr int ld = MP * kW;
   const Packet neg_inf = ei::pset1<Packet>(-std::numeric_limits<float>::infinity());
   Packet m_use[MP], sum[MP];
+  SDPA_UNROLL
   for (int i = 0; i < MP; ++i) {
     const Packet m_old = ei::pload<Packet>(m + i * kW);
     const Packet m_new = ei::pmax(vmax[i], m_old);
@@ -172,13 +185,14 @@ inline void softmax_step(float* p, int64_t nc, const Packet* vmax, float* m, flo
     ei::pstore(m + i * kW, m_new);
     sum[i] = ei::pzero(sum[i]);
   }
-  for (int64_t c = 0; c < nc; ++c)
-    for (int i = 0; i < MP; ++i) {
-      float* x = p + c * ld + i * kW;
-      const Packet e = exp_nonpositive(ei::psub(ei::pload<Packet>(x), m_use[i]));
-      ei::pstore(x, e);
-      sum[i] = ei::padd(sum[i], e);
-    }
+  for (int64_t c = 0; c < nc; ++c) SDPA_UNROLL
+  for (int i = 0; i < MP; ++i) {
+    float* x = p + c * ld + i * kW;
+    const Packet e = exp_nonpositive(ei::psub(ei::pload<Packet>(x), m_use[i]));
+    ei::pstore(x, e);
+    sum[i] = ei::padd(sum[i], e);
+  }
+  SDPA_UNROLL
   for (int i = 0; i < MP; ++i)
     ei::pstore(l + i * kW, ei::pmadd(ei::pload<Packet>(l + i * kW), alpha[i], sum[i]));
 }
@@ -191,22 +205,27 @@ inline void pv_tile(const float* p, int64_t nc, const float* v, int64_t ldv, flo
                     const Packet* scale) {
   constexpr int ld = MP * kW;
   Packet acc[NR][MP];
-  for (int n = 0; n < NR; ++n)
-    for (int i = 0; i < MP; ++i) {
-      acc[n][i] = ei::pload<Packet>(a + n * ld + i * kW);
-      if (scale) acc[n][i] = ei::pmul(acc[n][i], scale[i]);
-    }
+  SDPA_UNROLL
+  for (int n = 0; n < NR; ++n) SDPA_UNROLL
+  for (int i = 0; i < MP; ++i) {
+    acc[n][i] = ei::pload<Packet>(a + n * ld + i * kW);
+    if (scale) acc[n][i] = ei::pmul(acc[n][i], scale[i]);
+  }
   for (int64_t c = 0; c < nc; ++c) {
     Packet x[MP];
+    SDPA_UNROLL
     for (int i = 0; i < MP; ++i) x[i] = ei::pload<Packet>(p + c * ld + i * kW);
     const float* vc = v + c * ldv;
+    SDPA_UNROLL
     for (int n = 0; n < NR; ++n) {
       const Packet b = ei::pset1<Packet>(vc[n]);
+      SDPA_UNROLL
       for (int i = 0; i < MP; ++i) acc[n][i] = ei::pmadd(x[i], b, acc[n][i]);
     }
   }
-  for (int n = 0; n < NR; ++n)
-    for (int i = 0; i < MP; ++i) ei::pstore(a + n * ld + i * kW, acc[n][i]);
+  SDPA_UNROLL
+  for (int n = 0; n < NR; ++n) SDPA_UNROLL
+  for (int i = 0; i < MP; ++i) ei::pstore(a + n * ld + i * kW, acc[n][i]);
 }
 
 }  // namespace panel
