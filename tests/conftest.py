@@ -20,8 +20,10 @@ from sdpa import reference as _reference
 # loaded 2-core machine), and sdpa's own pool is what the tests exercise.
 _blas_limit = threadpool_limits(limits=1, user_api="blas")
 
-# Modest by default so the suite stays fast; `pytest --hypothesis-profile=thorough` digs deeper.
-settings.register_profile("sdpa", max_examples=60, deadline=None, print_blob=True)
+# Modest and derandomized by default, so the suite stays fast and CI judges every commit on the
+# same examples; `pytest --hypothesis-profile=thorough` digs deeper on fresh random examples (it
+# found the ALiBi and cancellation cases pinned in test_variants.py and test_basic.py).
+settings.register_profile("sdpa", max_examples=60, deadline=None, print_blob=True, derandomize=True)
 settings.register_profile("thorough", max_examples=3000, deadline=None, print_blob=True)
 settings.load_profile("sdpa")
 
