@@ -76,6 +76,9 @@ constexpr int64_t kGemvRows = 8;
 // Keys per chunk of the panel path's P.V: a chunk of P^T (64 x 48 floats, 12 KB) stays in L1
 // while every column block of V is multiplied with it.
 constexpr int64_t kPanelKeys = 64;
+// Keys per online-softmax step of the panel path: P^T (128 x 48 floats, 24 KB) stays in L1 from
+// the scores through the exp to P.V; the step's rescale of acc^T costs little next to it.
+constexpr int64_t kPanelKeyBlock = 128;
 inline size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 inline int64_t round_up_rows(int64_t n) {
   return (n + panel::kRowQuantum - 1) / panel::kRowQuantum * panel::kRowQuantum;
@@ -427,8 +430,7 @@ struct Kernel {
         const ConstMatMap<T> Vb = key_side_block<T, Store>(p.v, o.v, j0, nk, p.Ev, ws.Vc);
         for (int64_t pi = 0; pi < panels.n_panels; ++pi) {
           const int64_t r0 = panels.first_row(pi), pr = panels.rows(pi), ld = panels.ld(pi);
-          // Keys [c0, c1) of the block that some row of the panel attends; full when every row
-          // attends all of them.
+          // Keys [c0, c1) of the block that some row of the panel attends.
           int64_t c0 = nk, c1 = 0;
           for (int64_t i = 0; i < pr; ++i) {
             const int64_t a = std::clamp<int64_t>(rows[r0 + i].lo - j0, 0, nk);
@@ -437,35 +439,38 @@ struct Kernel {
             c0 = std::min(c0, a);
             c1 = std::max(c1, b);
           }
-          if (c0 >= c1) continue;
-          bool full = true;
-          for (int64_t i = 0; i < pr; ++i)
-            full &= rows[r0 + i].lo <= j0 + c0 && rows[r0 + i].hi >= j0 + c1;
-          const PanelBlock blk{p.E,
-                               p.Ev,
-                               Kb.data() + c0 * Kb.outerStride(),
-                               Kb.outerStride(),
-                               Vb.data() + c0 * Vb.outerStride(),
-                               Vb.outerStride(),
-                               c1 - c0,
-                               full ? nullptr : rows + r0,
-                               pr,
-                               j0 + c0,
-                               ws.Qs + r0 * p.E,
-                               ws.Sb + r0 * ws.kb,
-                               ws.acc + r0 * p.Ev,
-                               ws.m + r0,
-                               ws.l + r0};
-          switch (ld / panel::kW) {
-            case 1:
-              panel_block<1>(blk);
-              break;
-            case 2:
-              panel_block<2>(blk);
-              break;
-            default:
-              panel_block<3>(blk);
-              break;
+          // In sub-blocks of kPanelKeyBlock keys, so that the panel's P^T stays in L1.
+          for (int64_t s0 = c0; s0 < c1; s0 += kPanelKeyBlock) {
+            const int64_t s1 = std::min(c1, s0 + kPanelKeyBlock);
+            bool full = true;
+            for (int64_t i = 0; i < pr; ++i)
+              full &= rows[r0 + i].lo <= j0 + s0 && rows[r0 + i].hi >= j0 + s1;
+            const PanelBlock blk{p.E,
+                                 p.Ev,
+                                 Kb.data() + s0 * Kb.outerStride(),
+                                 Kb.outerStride(),
+                                 Vb.data() + s0 * Vb.outerStride(),
+                                 Vb.outerStride(),
+                                 s1 - s0,
+                                 full ? nullptr : rows + r0,
+                                 pr,
+                                 j0 + s0,
+                                 ws.Qs + r0 * p.E,
+                                 ws.Sb + r0 * ws.kb,
+                                 ws.acc + r0 * p.Ev,
+                                 ws.m + r0,
+                                 ws.l + r0};
+            switch (ld / panel::kW) {
+              case 1:
+                panel_block<1>(blk);
+                break;
+              case 2:
+                panel_block<2>(blk);
+                break;
+              default:
+                panel_block<3>(blk);
+                break;
+            }
           }
         }
       }
