@@ -14,13 +14,16 @@ def run(*args, timeout=300):
 
 def test_bench_runs_and_writes_json(tmp_path):
     path = tmp_path / "bench.json"
-    result = run("bench", "--quick", "--shapes", "seed", "--threads", "1", "--json", str(path))
+    args = ("--quick", "--shapes", "seed,decode", "--threads", "1", "--json", str(path))
+    result = run("bench", *args)
     assert result.returncode == 0, result.stderr
     assert "seed" in result.stdout and "GFLOP/s" in result.stdout
     data = json.loads(path.read_text())
     assert data["threads"] == 1 and data["gemm_gflops"] > 0 and data["read_gbps"] > 0
-    (row,) = data["rows"]
-    assert row["shape"] == "seed" and row["sdpa_ms"] > 0 and row["vs_naive"] > 0
+    seed, decode = data["rows"]
+    assert seed["shape"] == "seed" and seed["sdpa_ms"] > 0 and seed["vs_naive"] > 0
+    assert seed["gemm_gflops"] > 0 and "read_gbps" not in seed
+    assert decode["kv_gbps"] > 0 and decode["bandwidth_fraction"] > 0
 
 
 def test_bench_rejects_unknown_shapes():

@@ -86,16 +86,44 @@ def _median_time(fn: Callable[[], Any], budget: float, min_reps: int = 3) -> flo
     return statistics.median(times)
 
 
-def _gemm_rate(budget: float) -> float:
+_SETTLE = 0.15  # seconds of quiet before each timed round of _median_times
+
+
+def _median_times(fns: list[Callable[[], Any]], budget: float, rounds: int = 5) -> list[float]:
+    """Median seconds per call of each fn, about `budget` seconds each, measured in alternating
+    rounds: on a shared machine, a change of load in mid-run then touches every fn alike rather
+    than whichever ran at the time, and their ratio stays meaningful."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, t in zip(fns, times):
+            # Let the previous fn's threads finish spinning (OpenBLAS's wait up to ~0.1 s, the
+            # OpenMP and sdpa pools' shorter ones) before a warm-up call and the timed ones.
+            time.sleep(_SETTLE)
+            fn()
+            start = time.perf_counter()
+            while True:
+                t0 = time.perf_counter()
+                fn()
+                t.append(time.perf_counter() - t0)
+                if t0 - start >= budget / rounds or len(t) >= 10000:
+                    break
+    return [statistics.median(t) for t in times]
+
+
+Probe = tuple[Callable[[], Any], float]  # a call, and the work (flops or bytes) it does
+
+
+def _gemm_probe() -> Probe:
+    """The machine's fp32 GEMM through NumPy (its BLAS): a 2048^3 matmul."""
     n = 2048
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     c = np.empty((n, n), np.float32)
-    return 2.0 * n**3 / _median_time(lambda: np.matmul(a, b, out=c), budget) / 1e9
+    return (lambda: np.matmul(a, b, out=c)), 2.0 * n**3
 
 
-def _torch_gemm_rate(budget: float) -> float | None:
+def _torch_gemm_probe() -> Probe | None:
     """The same GEMM through PyTorch (MKL/oneDNN), often faster than NumPy's BLAS."""
     try:
         import torch
@@ -104,12 +132,12 @@ def _torch_gemm_rate(budget: float) -> float | None:
     a = torch.randn(2048, 2048)
     b = torch.randn(2048, 2048)
     c = torch.empty(2048, 2048)
-    return 2.0 * 2048**3 / _median_time(lambda: torch.mm(a, b, out=c), budget) / 1e9
+    return (lambda: torch.mm(a, b, out=c)), 2.0 * 2048**3
 
 
-def _read_bandwidth(budget: float, threads: int) -> float:
-    """GB/s of reading a 512 MiB array with `threads` threads (NumPy sums, which release the
-    GIL): the yardstick for decode, whose work is reading K and V once."""
+def _read_probe(threads: int) -> Probe:
+    """Reading a 512 MiB array with `threads` threads (NumPy sums, which release the GIL): the
+    yardstick for decode, whose work is reading K and V once."""
     import threading
 
     data = np.ones(128 * 2**20, np.float32)
@@ -122,7 +150,7 @@ def _read_bandwidth(budget: float, threads: int) -> float:
         for w in workers:
             w.join()
 
-    return data.nbytes / _median_time(read_all, budget) / 1e9
+    return read_all, float(data.nbytes)
 
 
 def _naive(q: np.ndarray, k: np.ndarray, v: np.ndarray, shape: Shape) -> np.ndarray:
@@ -180,9 +208,11 @@ def run_suite(names: list[str], threads: int, budget: float, with_naive: bool) -
     except ImportError:
         limits = None
 
-    gemm = _gemm_rate(budget)
-    torch_gemm = _torch_gemm_rate(budget)
-    bandwidth = _read_bandwidth(budget, threads)
+    # The yardsticks are timed with every shape, in the same alternating rounds as sdpa, so that
+    # each fraction compares rates measured side by side (this machine's load moves).
+    gemm_probe = _gemm_probe()
+    torch_gemm_probe = _torch_gemm_probe()
+    read_probe = _read_probe(threads)
     rows = []
     full_times: dict[tuple[int, ...], float] = {}
     rng = np.random.default_rng(0)
@@ -200,19 +230,32 @@ def run_suite(names: list[str], threads: int, budget: float, with_naive: bool) -
                 q, k, v, is_causal=shape.causal, enable_gqa=gqa, out=out, window=shape.window
             )
 
-        t_ours = _median_time(ours, budget)
+        # sdpa, PyTorch and the yardsticks, timed in alternating rounds.
+        timed: dict[str, Callable[[], Any]] = {"ours": ours, "gemm": gemm_probe[0]}
+        tfn = _torch_fn(q, k, v, shape)
+        if tfn is not None:
+            timed["torch"] = tfn
+        if torch_gemm_probe is not None:
+            timed["torch_gemm"] = torch_gemm_probe[0]
+        if shape.L <= 16 and shape.S >= 1024:  # decode-like: the work is reading K and V
+            timed["read"] = read_probe[0]
+        t = dict(zip(timed, _median_times(list(timed.values()), budget)))
+        t_ours = t["ours"]
         row: dict[str, Any] = {
             "shape": shape.name,
             "dims": asdict(shape),
             "sdpa_ms": t_ours * 1e3,
             "gflops": shape.flops / t_ours / 1e9,
+            "gemm_gflops": gemm_probe[1] / t["gemm"] / 1e9,
         }
-        row["gemm_fraction"] = row["gflops"] / gemm
-        if torch_gemm:
-            row["torch_gemm_fraction"] = row["gflops"] / torch_gemm
-        if shape.L <= 16:
+        row["gemm_fraction"] = row["gflops"] / row["gemm_gflops"]
+        if torch_gemm_probe is not None:
+            row["torch_gemm_gflops"] = torch_gemm_probe[1] / t["torch_gemm"] / 1e9
+            row["torch_gemm_fraction"] = row["gflops"] / row["torch_gemm_gflops"]
+        if "read" in t:
+            row["read_gbps"] = read_probe[1] / t["read"] / 1e9
             row["kv_gbps"] = shape.kv_bytes / t_ours / 1e9
-            row["bandwidth_fraction"] = row["kv_gbps"] / bandwidth
+            row["bandwidth_fraction"] = row["kv_gbps"] / row["read_gbps"]
         if shape.window is not None:  # the speed-up over full attention on the same shape
             full = functools.partial(sdpa.scaled_dot_product_attention, q, k, v, out=out)
             t_full = full_times.get(shape.dims_key) or _median_time(full, budget, 1)
@@ -223,11 +266,9 @@ def run_suite(names: list[str], threads: int, budget: float, with_naive: bool) -
             t_naive = _median_time(functools.partial(_naive, q, k, v, shape), budget, 1)
             row["naive_ms"] = t_naive * 1e3
             row["vs_naive"] = t_naive / t_ours
-        tfn = _torch_fn(q, k, v, shape)
-        if tfn is not None:
-            t_torch = _median_time(tfn, budget)
-            row["torch_ms"] = t_torch * 1e3
-            row["vs_torch"] = t_torch / t_ours
+        if "torch" in t:
+            row["torch_ms"] = t["torch"] * 1e3
+            row["vs_torch"] = t["torch"] / t_ours
         rows.append(row)
         _print_row(row)
     if limits is not None:
@@ -238,11 +279,25 @@ def run_suite(names: list[str], threads: int, budget: float, with_naive: bool) -
         "isa": sdpa._config.isa(),
         "sdpa_version": sdpa.__version__,
         "torch_version": torch_version,
-        "gemm_gflops": gemm,
-        "torch_gemm_gflops": torch_gemm,
-        "read_gbps": bandwidth,
+        # the yardsticks' medians over the shapes (each row has its own)
+        "gemm_gflops": _median_of(rows, "gemm_gflops"),
+        "torch_gemm_gflops": _median_of(rows, "torch_gemm_gflops"),
+        "read_gbps": _median_of(rows, "read_gbps"),
         "rows": rows,
     }
+
+
+def _median_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def _range_of(rows: list[dict[str, Any]], key: str, unit: str) -> str:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return f"{lo:.1f} {unit}" if round(lo, 1) == round(hi, 1) else f"{lo:.1f}-{hi:.1f} {unit}"
 
 
 def _machine() -> str:
@@ -306,10 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(_HEADER, flush=True)
     result = run_suite(names, threads, budget, with_naive=not args.no_naive)
+    rows = result["rows"]
     print(
-        f"machine: fp32 GEMM 2048^3: NumPy {result['gemm_gflops']:.1f} GFLOP/s ('of GEMM'), "
-        f"PyTorch {_fmt(result['torch_gemm_gflops'], '.1f')} GFLOP/s ('of tGEMM'); "
-        f"read bandwidth {result['read_gbps']:.1f} GB/s ('of BW'); "
+        "yardsticks, timed with each shape: fp32 GEMM 2048^3 through NumPy "
+        f"{_range_of(rows, 'gemm_gflops', 'GFLOP/s')} ('of GEMM'), through PyTorch "
+        f"{_range_of(rows, 'torch_gemm_gflops', 'GFLOP/s')} ('of tGEMM'); read bandwidth "
+        f"{_range_of(rows, 'read_gbps', 'GB/s')} ('of BW'); "
         f"torch {result['torch_version'] or 'absent'}"
     )
     if args.json:
