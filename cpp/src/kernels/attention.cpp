@@ -22,6 +22,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "few_rows.hpp"
 #include "panel.hpp"
 #include "sdpa/sdpa.hpp"
 
@@ -585,9 +586,13 @@ struct Kernel {
     MatMap<T> Sb(ws.Sb, nr, nk, Eigen::OuterStride<>(ws.kb));
     if (nr <= kGemvRows) {
       // Few rows (decode): one pass over the keys, no packing; each K row, once loaded, serves
-      // every query row of the tile from L1.
-      for (int64_t c = 0; c < nk; ++c)
-        for (int64_t r = 0; r < nr; ++r) Sb(r, c) = Qt.row(r).dot(Kb.row(c));
+      // every query row of the tile.
+      if constexpr (std::is_same_v<T, float>) {
+        few_rows::scores(Qt.data(), nr, p.E, Kb.data(), Kb.outerStride(), nk, ws.Sb, ws.kb);
+      } else {
+        for (int64_t c = 0; c < nk; ++c)
+          for (int64_t r = 0; r < nr; ++r) Sb(r, c) = Qt.row(r).dot(Kb.row(c));
+      }
     } else {
       Sb.noalias() = Qt * Kb.transpose();
     }
@@ -671,8 +676,12 @@ struct Kernel {
     // acc (nr x Ev) += P_blk (nr x nk) * V_blk (nk x Ev)
     const ConstMatMap<T> Vb = key_side_block<T, Store>(p.v, o.v, j0, nk, p.Ev, ws.Vc);
     if (nr <= kGemvRows) {
-      for (int64_t c = 0; c < nk; ++c)
-        for (int64_t r = 0; r < nr; ++r) acc.row(r) += Sb(r, c) * Vb.row(c);
+      if constexpr (std::is_same_v<T, float>) {
+        few_rows::accumulate(ws.Sb, ws.kb, nr, Vb.data(), Vb.outerStride(), nk, p.Ev, ws.acc, p.Ev);
+      } else {
+        for (int64_t c = 0; c < nk; ++c)
+          for (int64_t r = 0; r < nr; ++r) acc.row(r) += Sb(r, c) * Vb.row(c);
+      }
     } else {
       acc.noalias() += Sb * Vb;
     }
