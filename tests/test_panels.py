@@ -84,6 +84,23 @@ def test_half_inputs_and_strided_views(isa, rng, dtype):
     check(q, k, v, out=out)
 
 
+@pytest.mark.parametrize("S", [100, 4096], ids=["one-item", "split-K"])
+def test_nan_query_row_is_nan_in_out_and_lse(isa, rng, S):
+    # With every score of a row NaN, the row max skips them all; the row must still come out
+    # NaN (out and lse), also when split-K merges its partial results (found by review: it came
+    # out 0 with lse -inf).
+    q = rng.standard_normal((1, 2, 40, 32)).astype(np.float32)
+    k = rng.standard_normal((1, 2, S, 32)).astype(np.float32)
+    v = rng.standard_normal((1, 2, S, 32)).astype(np.float32)
+    q[0, 1, 7, 3] = np.nan
+    for kwargs in ({}, {"is_causal": True, "alignment": "bottom_right"}):
+        out, lse = sdpa.scaled_dot_product_attention(q, k, v, return_lse=True, **kwargs)
+        assert np.isnan(out[0, 1, 7]).all() and np.isnan(lse[0, 1, 7])
+        keep = np.ones(out.shape[:-1], bool)
+        keep[0, 1, 7] = False
+        assert_matches_reference(out[keep], reference(q, k, v, **kwargs)[keep], np.float32)
+
+
 def test_nan_stays_in_its_lane(isa, rng):
     q = rng.standard_normal((1, 3, 64, 16)).astype(np.float32)
     k = rng.standard_normal((1, 3, 100, 16)).astype(np.float32)

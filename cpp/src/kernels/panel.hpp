@@ -175,14 +175,13 @@ inline void softmax_step(float* p, int64_t nc, const Packet* vmax, float* m, flo
                          Packet* alpha) {
   constexpr int ld = MP * kW;
   const Packet neg_inf = ei::pset1<Packet>(-std::numeric_limits<float>::infinity());
-  Packet m_use[MP], sum[MP];
+  Packet m_new[MP], m_use[MP], sum[MP];
   SDPA_UNROLL
   for (int i = 0; i < MP; ++i) {
     const Packet m_old = ei::pload<Packet>(m + i * kW);
-    const Packet m_new = ei::pmax(vmax[i], m_old);
-    m_use[i] = ei::pandnot(m_new, ei::pcmp_eq(m_new, neg_inf));
+    m_new[i] = ei::pmax(vmax[i], m_old);
+    m_use[i] = ei::pandnot(m_new[i], ei::pcmp_eq(m_new[i], neg_inf));
     alpha[i] = exp_nonpositive(ei::psub(m_old, m_use[i]));
-    ei::pstore(m + i * kW, m_new);
     sum[i] = ei::pzero(sum[i]);
   }
   for (int64_t c = 0; c < nc; ++c) SDPA_UNROLL
@@ -193,8 +192,14 @@ inline void softmax_step(float* p, int64_t nc, const Packet* vmax, float* m, flo
     sum[i] = ei::padd(sum[i], e);
   }
   SDPA_UNROLL
-  for (int i = 0; i < MP; ++i)
-    ei::pstore(l + i * kW, ei::pmadd(ei::pload<Packet>(l + i * kW), alpha[i], sum[i]));
+  for (int i = 0; i < MP; ++i) {
+    const Packet l_new = ei::pmadd(ei::pload<Packet>(l + i * kW), alpha[i], sum[i]);
+    ei::pstore(l + i * kW, l_new);
+    // pmax skips NaN, so a row whose scores are NaN can keep m = -inf while l turns NaN; m takes
+    // the NaN too (l - l is 0 for any finite l), or a split-K merge, which reads m first, would
+    // take the row for one with no key and write 0 instead of NaN.
+    ei::pstore(m + i * kW, ei::padd(m_new[i], ei::psub(l_new, l_new)));
+  }
 }
 
 // NR columns of the panel's accumulator, over nc keys:
