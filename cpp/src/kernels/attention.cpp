@@ -154,6 +154,29 @@ struct Scratch {
   }
 };
 
+// The span [lo, hi) of keys within [a, b) that at least one of the n rows attends (the hull of
+// their ranges there; lo >= hi when none does).
+struct KeySpan {
+  int64_t lo, hi;
+};
+inline KeySpan attended_keys(const RowInfo* rows, int64_t n, int64_t a, int64_t b) {
+  KeySpan span{b, a};
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t lo = std::max(rows[r].lo, a), hi = std::min(rows[r].hi, b);
+    if (lo >= hi) continue;
+    span.lo = std::min(span.lo, lo);
+    span.hi = std::max(span.hi, hi);
+  }
+  return span;
+}
+
+// Whether every one of the n rows attends every key of [a, b).
+inline bool all_attend(const RowInfo* rows, int64_t n, int64_t a, int64_t b) {
+  for (int64_t r = 0; r < n; ++r)
+    if (rows[r].lo > a || rows[r].hi < b) return false;
+  return true;
+}
+
 // Element offsets of one outer (batch) index into every operand.
 struct OuterOffsets {
   int64_t q = 0, k = 0, v = 0, out = 0, mask = 0, alibi = 0, kv_length = 0, lse = 0, weights = 0;
@@ -323,13 +346,8 @@ struct Kernel {
     RowInfo* rows = ws.rows;
     describe_rows(p, o, t0, nr, rows);
 
-    // Keys this item visits: the union of the rows' [lo, hi) within this split's chunk.
-    int64_t jlo = p.S, jhi = 0;
-    for (int64_t r = 0; r < nr; ++r) {
-      if (rows[r].lo >= rows[r].hi) continue;
-      jlo = std::min(jlo, rows[r].lo);
-      jhi = std::max(jhi, rows[r].hi);
-    }
+    // Keys this item visits: the span the rows attend, within this split's chunk.
+    auto [jlo, jhi] = attended_keys(rows, nr, 0, p.S);
     if (plan.n_splits > 1) {
       jlo = std::max(jlo, split * plan.split_len);
       jhi = std::min(jhi, (split + 1) * plan.split_len);
@@ -432,20 +450,12 @@ struct Kernel {
         for (int64_t pi = 0; pi < panels.n_panels; ++pi) {
           const int64_t r0 = panels.first_row(pi), pr = panels.rows(pi), ld = panels.ld(pi);
           // Keys [c0, c1) of the block that some row of the panel attends.
-          int64_t c0 = nk, c1 = 0;
-          for (int64_t i = 0; i < pr; ++i) {
-            const int64_t a = std::clamp<int64_t>(rows[r0 + i].lo - j0, 0, nk);
-            const int64_t b = std::clamp<int64_t>(rows[r0 + i].hi - j0, 0, nk);
-            if (a >= b) continue;
-            c0 = std::min(c0, a);
-            c1 = std::max(c1, b);
-          }
+          const KeySpan span = attended_keys(rows + r0, pr, j0, j0 + nk);
+          const int64_t c0 = span.lo - j0, c1 = span.hi - j0;
           // In sub-blocks of kPanelKeyBlock keys, so that the panel's P^T stays in L1.
           for (int64_t s0 = c0; s0 < c1; s0 += kPanelKeyBlock) {
             const int64_t s1 = std::min(c1, s0 + kPanelKeyBlock);
-            bool full = true;
-            for (int64_t i = 0; i < pr; ++i)
-              full &= rows[r0 + i].lo <= j0 + s0 && rows[r0 + i].hi >= j0 + s1;
+            const bool full = all_attend(rows + r0, pr, j0 + s0, j0 + s1);
             const PanelBlock blk{p.E,
                                  p.Ev,
                                  Kb.data() + s0 * Kb.outerStride(),
@@ -574,12 +584,9 @@ struct Kernel {
   static bool score_block(const Problem& p, const OuterOffsets& o, int64_t nr, int64_t j0,
                           int64_t nk, Scratch<T>& ws, const ConstMatMap<T>& Qt) {
     const RowInfo* rows = ws.rows;
-    bool any = false, full = true;
-    for (int64_t r = 0; r < nr; ++r) {
-      any |= rows[r].lo < j0 + nk && rows[r].hi > j0;
-      full &= rows[r].lo <= j0 && rows[r].hi >= j0 + nk;
-    }
-    if (!any) return false;
+    const KeySpan span = attended_keys(rows, nr, j0, j0 + nk);
+    if (span.lo >= span.hi) return false;
+    const bool full = all_attend(rows, nr, j0, j0 + nk);
 
     // S_blk (nr x nk) = Q_tile (nr x E) * K_blk^T (E x nk)
     const ConstMatMap<T> Kb = key_side_block<T, Store>(p.k, o.k, j0, nk, p.E, ws.Kc);
