@@ -74,25 +74,14 @@ SUITE = [
 QUICK = ("seed", "bert", "vit", "gqa-prefill", "decode", "window")
 
 
-def _median_time(fn: Callable[[], Any], budget: float, min_reps: int = 3) -> float:
-    """Median seconds per call of fn, after one warm-up call, within about `budget` seconds."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < budget and len(times) < 10000):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 _SETTLE = 0.15  # seconds of quiet before each timed round of _median_times
 
 
 def _median_times(fns: list[Callable[[], Any]], budget: float, rounds: int = 5) -> list[float]:
-    """Median seconds per call of each fn, about `budget` seconds each, measured in alternating
-    rounds: on a shared machine, a change of load in mid-run then touches every fn alike rather
-    than whichever ran at the time, and their ratio stays meaningful."""
+    """Median seconds per call of each fn (at least one call a round), about `budget` seconds
+    each, measured in alternating rounds: on a shared machine, a change of load in mid-run then
+    touches every fn alike rather than whichever ran at the time, and their ratio stays
+    meaningful."""
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for fn, t in zip(fns, times):
@@ -258,12 +247,13 @@ def run_suite(names: list[str], threads: int, budget: float, with_naive: bool) -
             row["bandwidth_fraction"] = row["kv_gbps"] / row["read_gbps"]
         if shape.window is not None:  # the speed-up over full attention on the same shape
             full = functools.partial(sdpa.scaled_dot_product_attention, q, k, v, out=out)
-            t_full = full_times.get(shape.dims_key) or _median_time(full, budget, 1)
+            t_full = full_times.get(shape.dims_key) or _median_times([full], budget, 1)[0]
             row["vs_full"] = t_full / t_ours
         elif not shape.causal:
             full_times[shape.dims_key] = t_ours
         if with_naive and shape.window is None:
-            t_naive = _median_time(functools.partial(_naive, q, k, v, shape), budget, 1)
+            naive = functools.partial(_naive, q, k, v, shape)
+            t_naive = _median_times([naive], budget, 1)[0]
             row["naive_ms"] = t_naive * 1e3
             row["vs_naive"] = t_naive / t_ours
         if "torch" in t:
@@ -287,13 +277,17 @@ def run_suite(names: list[str], threads: int, budget: float, with_naive: bool) -
     }
 
 
+def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] for r in rows if r.get(key) is not None]
+
+
 def _median_of(rows: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in rows if r.get(key) is not None]
+    values = _values(rows, key)
     return statistics.median(values) if values else None
 
 
 def _range_of(rows: list[dict[str, Any]], key: str, unit: str) -> str:
-    values = [r[key] for r in rows if r.get(key) is not None]
+    values = _values(rows, key)
     if not values:
         return "-"
     lo, hi = min(values), max(values)
