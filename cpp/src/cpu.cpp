@@ -1,4 +1,5 @@
-#include "cpu.hpp"
+// CPU feature detection (declared in the driver API).
+#include "sdpa/sdpa.hpp"
 
 namespace sdpa {
 

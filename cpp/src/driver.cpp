@@ -1,12 +1,13 @@
-#include "driver.hpp"
-
+// The driver: resolves a call's defaults, plans its work (every tile and block size is chosen
+// here), owns the scratch and runs the active kernel on the pool.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <memory>
 #include <stdexcept>
-#include <string>
 #include <vector>
 
+#include "sdpa/sdpa.hpp"
 #include "threadpool.hpp"
 
 namespace sdpa {
@@ -14,26 +15,39 @@ namespace {
 
 std::atomic<const KernelTable*> g_kernel{nullptr};
 
-// Tile sizes, chosen from the shape alone (benchmarks/NOTES.md, section 4, has the measurements):
-//  - a tile of query rows shares each packed K/V block, so bigger tiles amortise packing; up to
-//    kWholeTile rows are taken as one tile (e.g. ViT's 197), else kRowTile rows, falling back to
-//    kSmallTile when that would leave too few work items to spread over threads;
-//  - kKeyBlock keys per block amortise the packing of the Q tile; the score block
-//    (128 x 512 x 4 B = 256 KB) stays within L2 (1 MB on Zen 4); whole tiles above kRowTile rows
-//    take half as many keys to keep that bound.
+// ---- The planner's sizes (benchmarks/NOTES.md has the measurements behind each) ---------------
+// Row tiles and key blocks (section 4): a tile of query rows shares each K/V block, so bigger
+// tiles amortise reading it; up to kWholeTile rows are taken as one tile (e.g. ViT's 197), else
+// kRowTile rows, falling back to kSmallTile when that would leave fewer than kMinItems work items
+// to spread over threads. kKeyBlock keys per block; the general path's score block
+// (128 x 512 x 4 B = 256 KB) stays within L2 (1 MB on Zen 4); whole tiles above kRowTile rows
+// take half as many keys to keep that bound.
 constexpr int64_t kWholeTile = 256;
 constexpr int64_t kRowTile = 128;
 constexpr int64_t kSmallTile = 64;
 constexpr int64_t kKeyBlock = 512;
 constexpr int64_t kMinItems = 16;
-// Benchmark-only overrides of the two (0: the defaults); see set_tiles.
-std::atomic<int64_t> g_row_tile{0}, g_key_block{0};
-
 // Split-K engages when a call has fewer (outer x row-tile) items than this, so that decode-like
-// shapes (few query rows, many keys) still spread over the threads. A shape-only rule.
+// shapes (few query rows, many keys) still spread over the threads.
 constexpr int64_t kTargetItems = 64;
-// Calls with less work than this (in multiply-adds) run on the caller: waking threads costs more.
+// Up to this many rows a tile streams K and V once instead of multiplying blocks: a GEMM would
+// spend more time packing them than multiplying (sections 3, 6 and 17).
+constexpr int64_t kFewRowsMax = 8;
+// Keys per chunk of the few-row P.V: the chunk of V (32 x Ev floats, 16 KB at Ev = 128) stays in
+// L1 for the second pair of rows (section 17).
+constexpr int64_t kFewRowsPvKeys = 32;
+// Keys per online-softmax step of the panel path: P^T (128 x 48 floats, 24 KB) stays in L1 from
+// the scores through the exp to P.V (section 15).
+constexpr int64_t kPanelStepKeys = 128;
+// Keys per chunk of the panel path's P.V: the chunk of P^T (64 x 48 floats, 12 KB) stays in L1
+// while every column block of V is multiplied with it (section 13).
+constexpr int64_t kPanelPvKeys = 64;
+// Calls with less work than this (in multiply-adds) run on the caller: waking threads costs more
+// (section 8).
 constexpr double kInlineWork = 1 << 16;
+
+// Test and benchmark overrides of the row tile and key block (0: the planner's); see set_tiles.
+std::atomic<int64_t> g_row_tile{0}, g_key_block{0};
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -49,7 +63,25 @@ void* thread_scratch(size_t bytes) {
   return buf.get();
 }
 
-size_t dtype_size(const Problem& p) { return p.dtype == DType::f64 ? 8 : 4; }
+// Split-K: how many key chunks each row tile's keys are cut into (a shape-only rule).
+void plan_splits(const Problem& p, Plan& plan) {
+  const int64_t tiles = plan.n_outer * plan.n_row_tiles;
+  plan.n_splits = 1;
+  plan.split_len = p.S;
+  const int64_t min_split = 2 * plan.key_block;  // merging must cost little next to computing
+  if (tiles > 0 && tiles < kTargetItems && p.S >= 2 * min_split && !p.has(Operand::weights)) {
+    const int64_t want = std::min(ceil_div(kTargetItems, tiles), p.S / min_split);
+    plan.split_len = ceil_div(ceil_div(p.S, want), plan.key_block) * plan.key_block;
+    plan.n_splits = ceil_div(p.S, plan.split_len);
+  }
+  plan.n_items = tiles * plan.n_splits;
+}
+
+Problem resolved(const Problem& in) {
+  Problem p = in;
+  if (std::isnan(p.opt.scale)) p.opt.scale = default_scale(p.E);
+  return p;
+}
 
 }  // namespace
 
@@ -66,6 +98,8 @@ void set_kernel(const KernelTable* table) {
 
 const KernelTable* active_kernel() { return g_kernel.load(); }
 
+double default_scale(int64_t E) { return E > 0 ? 1.0 / std::sqrt(static_cast<double>(E)) : 1.0; }
+
 Plan make_plan(const Problem& p) {
   Plan plan;
   plan.n_outer = 1;
@@ -78,34 +112,38 @@ Plan make_plan(const Problem& p) {
   if (g_row_tile.load() > 0) plan.row_tile = g_row_tile.load();
   if (g_key_block.load() > 0) plan.key_block = g_key_block.load();
   plan.n_row_tiles = ceil_div(plan.rows, plan.row_tile);
-  const int64_t tiles = plan.n_outer * plan.n_row_tiles;
-  plan.n_splits = 1;
-  plan.split_len = p.S;
-  const int64_t min_split = 2 * plan.key_block;  // merging must cost little next to computing
-  if (tiles > 0 && tiles < kTargetItems && p.S >= 2 * min_split && !p.weights.data) {
-    const int64_t want = std::min(ceil_div(kTargetItems, tiles), p.S / min_split);
-    plan.split_len = ceil_div(ceil_div(p.S, want), plan.key_block) * plan.key_block;
-    plan.n_splits = ceil_div(p.S, plan.split_len);
-  }
-  plan.n_items = tiles * plan.n_splits;
+  plan_splits(p, plan);
   // With a causal rule or a right-bounded window, a row's key range grows with its index.
-  plan.heavy_tiles_last = p.causal || p.window_right != kUnbounded;
+  plan.heavy_tiles_last = p.opt.causal || p.opt.window_right != kUnbounded;
+  plan.few_rows_max = kFewRowsMax;
+  plan.few_rows_pv_keys = kFewRowsPvKeys;
+  plan.panel_step_keys = kPanelStepKeys;
+  plan.panel_pv_keys = kPanelPvKeys;
   return plan;
 }
 
-void run(const Problem& p) {
+Path path_of(const Problem& in) {
   const KernelTable* kt = active_kernel();
   if (!kt) throw std::invalid_argument("no sdpa kernel selected");
-  if (p.nbatch < 1 || p.nbatch > kMaxBatchDims)
+  const Problem p = resolved(in);
+  const Plan plan = make_plan(p);
+  return kt->path_of(p, plan, std::min(plan.row_tile, plan.rows));
+}
+
+void run(const Problem& in) {
+  const KernelTable* kt = active_kernel();
+  if (!kt) throw std::invalid_argument("no sdpa kernel selected");
+  if (in.nbatch < 1 || in.nbatch > kMaxBatchDims)
     throw std::invalid_argument("number of batch dims out of range");
-  if (p.L < 0 || p.S < 0 || p.E < 0 || p.Ev < 0) throw std::invalid_argument("negative size");
+  if (in.L < 0 || in.S < 0 || in.E < 0 || in.Ev < 0) throw std::invalid_argument("negative size");
+  const Problem p = resolved(in);
 
   Plan plan = make_plan(p);
   if (plan.n_items == 0) return;
 
   std::vector<char> partials;
   if (plan.n_splits > 1) {
-    partials.resize(static_cast<size_t>(plan.n_items * plan.row_tile * (p.Ev + 2)) * dtype_size(p));
+    partials.resize(static_cast<size_t>(PartialRecord::count(plan, p.Ev)) * compute_size(p.dtype));
     plan.partials = partials.data();
   }
 

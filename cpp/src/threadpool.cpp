@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <chrono>
 
+#include "sdpa/sdpa.hpp"
+
 namespace sdpa {
 namespace {
 

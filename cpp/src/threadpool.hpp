@@ -53,8 +53,7 @@ class ThreadPool {
 
 // The process-wide pool, created on first use with the configured thread count. After fork() the
 // child gets a fresh pool (the parent's threads do not exist in the child).
+// (set_num_threads and get_num_threads, in the driver API, configure its size.)
 std::shared_ptr<ThreadPool> global_pool();
-void set_num_threads(int n);
-int get_num_threads();
 
 }  // namespace sdpa

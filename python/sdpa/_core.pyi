@@ -1,32 +1,18 @@
-# Type stubs for the compiled driver/binding module (cpp/bindings/module.cpp).
+# Type stubs for the compiled driver/binding module (cpp/bindings/core_module.cpp).
 from typing import Any
 
 import numpy as np
 
 max_batch_dims: int
 binding_info: str
+dtypes: tuple[str, ...]  # the storage dtypes the kernel computes, by NumPy name
+operands: list[str]  # the names the kernel knows its operands by (kOperandSpecs)
 
-def attention(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    out: np.ndarray,
-    mask: np.ndarray | None,
-    lse: np.ndarray | None,
-    alibi: np.ndarray | None,
-    kv_length: np.ndarray | None,
-    weights: np.ndarray | None,
-    dtype: int,
-    mask_kind: int,
-    scale: float,
-    softcap: float,
-    causal: bool,
-    bottom_right: bool,
-    window_left: int,
-    window_right: int,
-) -> None: ...
-def attention_fast(
-    query: Any, key: Any, value: Any, out: Any, causal: bool, scale: Any
+# operands: name -> array laid out (batch..., G, core...); options: an sdpa._options.Options.
+def attention(operands: dict[str, np.ndarray], options: Any) -> None: ...
+def inner_path(operands: dict[str, np.ndarray], options: Any) -> str: ...
+def attention_direct(
+    query: Any, key: Any, value: Any, options: dict[str, Any]
 ) -> np.ndarray | None: ...
 def set_kernel(table: Any) -> None: ...
 def kernel_info() -> dict[str, str] | None: ...

@@ -17,7 +17,11 @@ with diag(i) = i for alignment "top_left" and i + S - L for "bottom_right".
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+from ._options import Options, takes_options
 
 __all__ = ["attention_weights", "scaled_dot_product_attention"]
 
@@ -36,32 +40,17 @@ def _repeat_heads(q, kv, enable_gqa):
     return np.repeat(kv, hq // hkv, axis=-3)
 
 
-def _scores(
-    query,
-    key,
-    attn_mask,
-    is_causal,
-    scale,
-    enable_gqa,
-    alignment,
-    window,
-    alibi_slopes,
-    softcap,
-    kv_lengths,
-):
+def _scores(query, key, attn_mask, o: Options):
     """Return the float64 scores (..., L, S), with -inf where a key is removed."""
     q, k = _f64(query), _f64(key)
-    k = _repeat_heads(q, k, enable_gqa)
+    k = _repeat_heads(q, k, o.enable_gqa)
     L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
-    if scale is None:
-        scale = 1.0 / np.sqrt(E) if E > 0 else 1.0
-    s = float(scale) * (q @ np.swapaxes(k, -1, -2))
-    if softcap is not None:
-        s = softcap * np.tanh(s / softcap)
+    scale = o.scale if o.scale is not None else (1.0 / np.sqrt(E) if E > 0 else 1.0)
+    s = scale * (q @ np.swapaxes(k, -1, -2))
+    if o.softcap is not None:
+        s = o.softcap * np.tanh(s / o.softcap)
 
-    if alignment not in ("top_left", "bottom_right"):
-        raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
-    offset = S - L if alignment == "bottom_right" else 0
+    offset = S - L if o.alignment == "bottom_right" else 0
     # rel[i, j] = j - diag(i): where key j sits relative to query i's diagonal key.
     rel = np.arange(S)[None, :] - (np.arange(L)[:, None] + offset)
 
@@ -74,21 +63,19 @@ def _scores(
             raise TypeError(f"attn_mask must be bool or floating, got {mask.dtype}")
         else:
             s = s + mask.astype(np.float64)
-    if alibi_slopes is not None:
-        slopes = np.broadcast_to(_f64(alibi_slopes), q.shape[:-2])
+    if o.alibi_slopes is not None:
+        slopes = np.broadcast_to(_f64(o.alibi_slopes), q.shape[:-2])
         s = s - slopes[..., None, None] * np.abs(rel)
-    if is_causal:
+    if o.is_causal:
         keep = keep & (rel <= 0)
-    if window is not None:
-        left, right = window
+    if o.window is not None:
+        left, right = o.window
         if left is not None:
             keep = keep & (rel >= -left)
         if right is not None:
             keep = keep & (rel <= right)
-    if kv_lengths is not None:
-        lengths = np.broadcast_to(np.asarray(kv_lengths), q.shape[:-2])
-        if lengths.dtype.kind not in "iu":
-            raise TypeError(f"kv_lengths must be integer, got {lengths.dtype}")
+    if o.kv_lengths is not None:
+        lengths = np.broadcast_to(o.kv_lengths, q.shape[:-2])
         if np.any(lengths < 0) or np.any(lengths > S):
             raise ValueError(f"kv_lengths must lie in [0, {S}]")
         keep = keep & (np.arange(S) < lengths[..., None, None])
@@ -107,78 +94,37 @@ def _softmax(s):
     return weights, lse[..., 0]
 
 
-def attention_weights(
-    query,
-    key,
-    attn_mask=None,
-    *,
-    is_causal=False,
-    scale=None,
-    enable_gqa=False,
-    alignment="top_left",
-    window=None,
-    alibi_slopes=None,
-    softcap=None,
-    kv_lengths=None,
-):
-    """Attention probabilities (..., L, S) in ``np.result_type(query, key)``."""
-    s = _scores(
-        query,
-        key,
-        attn_mask,
-        is_causal,
-        scale,
-        enable_gqa,
-        alignment,
-        window,
-        alibi_slopes,
-        softcap,
-        kv_lengths,
-    )
-    weights, _ = _softmax(s)
+@takes_options(exclude=("out", "return_lse"))
+def attention_weights(query, key, attn_mask=None, **options: Any):
+    """Attention probabilities (..., L, S) in ``np.result_type(query, key)``.
+
+    Parameters
+    ----------
+    {options}
+    """
+    o = Options.parse(options, exclude=("out", "return_lse"), where="attention_weights")
+    weights, _ = _softmax(_scores(query, key, attn_mask, o))
     return weights.astype(np.result_type(query, key))
 
 
-def scaled_dot_product_attention(
-    query,
-    key,
-    value,
-    attn_mask=None,
-    *,
-    is_causal=False,
-    scale=None,
-    enable_gqa=False,
-    out=None,
-    alignment="top_left",
-    window=None,
-    alibi_slopes=None,
-    softcap=None,
-    kv_lengths=None,
-    return_lse=False,
-):
+@takes_options()
+def scaled_dot_product_attention(query, key, value, attn_mask=None, **options: Any):
     """Attention output (..., L, Ev) in ``np.result_type(query, key, value)``, and with
     ``return_lse`` also the log-sum-exp of the remaining scores (..., L) (float64 for float64
-    inputs, float32 otherwise)."""
+    inputs, float32 otherwise).
+
+    Parameters
+    ----------
+    {options}
+    """
+    o = Options.parse(options, where="scaled_dot_product_attention")
     dtype = np.result_type(query, key, value)
-    s = _scores(
-        query,
-        key,
-        attn_mask,
-        is_causal,
-        scale,
-        enable_gqa,
-        alignment,
-        window,
-        alibi_slopes,
-        softcap,
-        kv_lengths,
-    )
-    weights, lse = _softmax(s)
-    v = _repeat_heads(np.asarray(query), _f64(value), enable_gqa)
+    weights, lse = _softmax(_scores(query, key, attn_mask, o))
+    v = _repeat_heads(np.asarray(query), _f64(value), o.enable_gqa)
     result = (weights @ v).astype(dtype)
-    if out is not None:
-        out[...] = result
-        result = out
-    if return_lse:
+    if o.out is not None:
+        o.out[...] = result
+        result = o.out
+    if o.return_lse:
         return result, lse.astype(np.float64 if dtype == np.float64 else np.float32)
     return result

@@ -8,21 +8,18 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "panel.hpp"
+#include "simd.hpp"
 
 namespace sdpa {
 namespace few_rows {
 
 namespace ei = Eigen::internal;
-using panel::kW;
-using panel::Packet;
+using simd::kW;
+using simd::Packet;
 
 // Packets of a value row held in registers by the P.V loop: 2 rows x kRowPackets accumulators
 // plus the operands must fit the register file (32 zmm: 16 + 1 + 2; 16 ymm: 8 + 1 + 2).
 constexpr int kRowPackets = kW >= 16 ? 8 : 4;
-// Keys per chunk of the P.V loop: the chunk of V (32 x Ev floats, 16 KB at Ev = 128) stays in L1
-// for the second pair of rows.
-constexpr int64_t kChunkKeys = 32;
 
 // s[i * lds] = q_i . k for i < R: q rows E apart, k one row of E floats. Each K packet loaded
 // serves all R rows.
@@ -117,11 +114,12 @@ inline void axpy_rows(const float* p, int64_t ldp, const float* v, int64_t ldv, 
 }
 
 // A (nr x Ev, rows lda apart) += P (nr x nc, rows ldp apart) V (nc x Ev, rows ldv apart), in
-// chunks of kChunkKeys keys, two rows at a time.
+// chunks of `chunk` keys (the plan's few_rows_pv_keys, so that a chunk of V stays in L1 for every
+// pair of rows), two rows at a time.
 inline void accumulate(const float* p, int64_t ldp, int64_t nr, const float* v, int64_t ldv,
-                       int64_t nc, int64_t Ev, float* a, int64_t lda) {
-  for (int64_t c0 = 0; c0 < nc; c0 += kChunkKeys) {
-    const int64_t n = std::min(kChunkKeys, nc - c0);
+                       int64_t nc, int64_t Ev, float* a, int64_t lda, int64_t chunk) {
+  for (int64_t c0 = 0; c0 < nc; c0 += chunk) {
+    const int64_t n = std::min(chunk, nc - c0);
     int64_t r = 0;
     for (; r + 2 <= nr; r += 2)
       axpy_rows<2>(p + r * ldp + c0, ldp, v + c0 * ldv, ldv, n, Ev, a + r * lda, lda);

@@ -11,23 +11,21 @@
 //  - neither product packs anything: K and V are read in place, row by row, and broadcast.
 #pragma once
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <cstdint>
-#include <limits>
+
+#include "simd.hpp"
+#include "softmax.hpp"
 
 namespace sdpa {
 namespace panel {
 
 namespace ei = Eigen::internal;
+using simd::kW;
+using simd::Packet;
 
-// The register blocks below are arrays indexed by compile-time loop counters; GCC keeps them in
-// registers only when those loops are fully unrolled, which it does not always choose itself.
-#define SDPA_UNROLL _Pragma("GCC unroll 32")
-using Packet = ei::packet_traits<float>::type;
-constexpr int kW = ei::packet_traits<float>::size;  // floats per packet: 16, 8 or 4
-constexpr int kMaxPackets = 3;                      // packets of query rows per panel
-constexpr int kPanelRows = kMaxPackets * kW;        // 48 (AVX-512), 24 (AVX2), 12 (SSE)
+constexpr int kMaxPackets = 3;                // packets of query rows per panel
+constexpr int kPanelRows = kMaxPackets * kW;  // 48 (AVX-512), 24 (AVX2), 12 (SSE)
 // Keys (scores) or value columns (P.V) per register block: MP x kNR accumulators must fit in the
 // register file with room for the operands (32 zmm: 24 + 3 + 1; 16 ymm/xmm: 12 + 3 + 1).
 constexpr int kNR = kW >= 16 ? 8 : 4;
@@ -53,46 +51,6 @@ struct PanelSplit {
   int64_t ld(int64_t i) const { return packets(i) * kW; }  // lanes, padding included
   int64_t rows(int64_t i) const { return std::min(ld(i), nr - first_row(i)); }
 };
-
-#if defined(EIGEN_VECTORIZE_AVX512) || defined(EIGEN_VECTORIZE_AVX2)
-#define SDPA_FAST_EXP 1
-// exp(x) for x <= 0, as the online softmax needs it (x = s - m, m the row max): Eigen's Cephes
-// polynomial on the reduced argument, with cheaper range handling than the general pexp. Below
-// -86 (and for -inf, a removed key) the result is exactly 0 (under 1e-37 of the row max, so
-// nothing is lost), which keeps 2^n a normal number that an integer add to the exponent field
-// can apply. NaN stays NaN (pmax keeps its first operand's NaN; cvtt turns NaN into INT_MIN,
-// whose shift adds 0 to the exponent).
-inline Packet exp_nonpositive(const Packet& x) {
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wignored-attributes"  // (__m512 as a template argument)
-  using PI = ei::unpacket_traits<Packet>::integer_packet;
-#pragma GCC diagnostic pop
-  const Packet lo = ei::pset1<Packet>(-86.0f);
-  const Packet xc = ei::pmax(x, lo);
-  // x = n ln2 + r, |r| <= ln2 / 2, ln2 split in two parts for the reduction.
-  const Packet n =
-      ei::pfloor(ei::pmadd(xc, ei::pset1<Packet>(1.44269504088896341f), ei::pset1<Packet>(0.5f)));
-  Packet r = ei::pmadd(n, ei::pset1<Packet>(-0.693359375f), xc);
-  r = ei::pmadd(n, ei::pset1<Packet>(2.12194440e-4f), r);
-  const Packet r2 = ei::pmul(r, r);
-  Packet y = ei::pmadd(ei::pset1<Packet>(1.9875691500e-4f), r, ei::pset1<Packet>(1.3981999507e-3f));
-  Packet y1 =
-      ei::pmadd(ei::pset1<Packet>(4.1665795894e-2f), r, ei::pset1<Packet>(1.6666665459e-1f));
-  y = ei::pmadd(y, r, ei::pset1<Packet>(8.3334519073e-3f));
-  y1 = ei::pmadd(y1, r, ei::pset1<Packet>(5.0000001201e-1f));
-  y = ei::pmadd(y, ei::pmul(r2, r), y1);
-  y = ei::pmadd(y, r2, ei::padd(r, ei::pset1<Packet>(1.0f)));  // exp(r)
-  const PI e = ei::plogical_shift_left<23>(ei::pcast<Packet, PI>(n));
-  y = ei::preinterpret<Packet>(ei::padd(ei::preinterpret<PI>(y), e));  // exp(r) * 2^n
-  return ei::pandnot(y, ei::pcmp_lt(x, lo));
-}
-#else
-// Without AVX2: Eigen's general exp, sent to exactly 0 below -86 (Eigen clamps its argument and
-// would return a tiny positive number for -inf, a removed key).
-inline Packet exp_nonpositive(const Packet& x) {
-  return ei::pandnot(ei::pexp(x), ei::pcmp_lt(x, ei::pset1<Packet>(-86.0f)));
-}
-#endif
 
 // b (n x kW, rows ldb apart) = a^T for a (kW x n, rows lda apart): kW rows into the lanes of a
 // panel (Q into Q^T).
@@ -165,40 +123,34 @@ inline void column_max(const float* p, int64_t nc, Packet* vmax) {
   for (int i = 0; i < MP; ++i) vmax[i] = ei::pmax(vmax[i], ei::pload<Packet>(p + c * ld + i * kW));
 }
 
-// Online softmax step of one panel over nc keys whose scores are in p (P^T, nc x MP*kW), vmax
-// being their per-row max: with m the running max and l the running sum (MP*kW floats each),
-//   m_new = max(m, vmax);  alpha = exp(m - m_new);  p = exp(p - m_new);  l = alpha l + sum_c p
-// A row whose m_new is -inf (no key so far) uses 0 in place of m_new, so that its removed keys
-// give exp(-inf) = 0 and alpha = 0, never -inf - -inf. NaN scores make NaN rows, as they should.
+// Online softmax step (softmax.hpp) of one panel over nc keys whose scores are in p (P^T,
+// nc x MP*kW), vmax being their per-row max: p becomes exp(p - m_use), m and l (MP*kW floats
+// each) move on, and alpha receives the factor that rescales the panel's accumulator.
 template <int MP>
 inline void softmax_step(float* p, int64_t nc, const Packet* vmax, float* m, float* l,
                          Packet* alpha) {
   constexpr int ld = MP * kW;
-  const Packet neg_inf = ei::pset1<Packet>(-std::numeric_limits<float>::infinity());
-  Packet m_new[MP], m_use[MP], sum[MP];
+  softmax::Step<Packet> st[MP];
+  Packet sum[MP];
   SDPA_UNROLL
   for (int i = 0; i < MP; ++i) {
-    const Packet m_old = ei::pload<Packet>(m + i * kW);
-    m_new[i] = ei::pmax(vmax[i], m_old);
-    m_use[i] = ei::pandnot(m_new[i], ei::pcmp_eq(m_new[i], neg_inf));
-    alpha[i] = exp_nonpositive(ei::psub(m_old, m_use[i]));
+    st[i] = softmax::begin(ei::pload<Packet>(m + i * kW), vmax[i]);
+    alpha[i] = st[i].alpha;
     sum[i] = ei::pzero(sum[i]);
   }
   for (int64_t c = 0; c < nc; ++c) SDPA_UNROLL
   for (int i = 0; i < MP; ++i) {
     float* x = p + c * ld + i * kW;
-    const Packet e = exp_nonpositive(ei::psub(ei::pload<Packet>(x), m_use[i]));
+    const Packet e = softmax::exp_nonpositive(ei::psub(ei::pload<Packet>(x), st[i].m_use));
     ei::pstore(x, e);
     sum[i] = ei::padd(sum[i], e);
   }
   SDPA_UNROLL
   for (int i = 0; i < MP; ++i) {
-    const Packet l_new = ei::pmadd(ei::pload<Packet>(l + i * kW), alpha[i], sum[i]);
-    ei::pstore(l + i * kW, l_new);
-    // pmax skips NaN, so a row whose scores are NaN can keep m = -inf while l turns NaN; m takes
-    // the NaN too (l - l is 0 for any finite l), or a split-K merge, which reads m first, would
-    // take the row for one with no key and write 0 instead of NaN.
-    ei::pstore(m + i * kW, ei::padd(m_new[i], ei::psub(l_new, l_new)));
+    Packet mi = ei::pload<Packet>(m + i * kW), li = ei::pload<Packet>(l + i * kW);
+    softmax::end(st[i], sum[i], mi, li);
+    ei::pstore(m + i * kW, mi);
+    ei::pstore(l + i * kW, li);
   }
 }
 

@@ -1,0 +1,357 @@
+// pybind11 binding of the driver, module sdpa._core. It converts NumPy arrays into the kernel
+// interface's views (byte strides to element strides), reads the Python options record into
+// sdpa::Options, releases the GIL around the driver and maps C++ errors to Python ones. It holds
+// no maths and no defaults: the Python layer (python/sdpa/api.py) has already checked, broadcast
+// and cast every operand to its final shape and dtype, and the driver resolves the default scale.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "arrays.hpp"
+#include "sdpa/sdpa.hpp"
+
+namespace py = pybind11;
+
+namespace {
+
+using sdpa::Axis;
+using sdpa::Elem;
+using sdpa::Operand;
+using sdpa::OperandSpec;
+using sdpa_binding::dtype_of;
+using sdpa_binding::is_native;
+using sdpa_binding::make_view;
+using sdpa_binding::may_overlap;
+
+constexpr int kAligned = py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+
+[[noreturn]] void fail(const std::string& name, const std::string& what) {
+  throw std::invalid_argument(name + ": " + what);
+}
+
+int64_t extent(const sdpa::Problem& p, Axis axis) {
+  switch (axis) {
+    case Axis::L:
+      return p.L;
+    case Axis::S:
+      return p.S;
+    case Axis::E:
+      return p.E;
+    case Axis::Ev:
+      return p.Ev;
+    default:
+      return 0;
+  }
+}
+
+int core_dims(const OperandSpec& spec) {
+  return (spec.rows != Axis::none ? 1 : 0) + (spec.cols != Axis::none ? 1 : 0);
+}
+
+// Whether `a` holds the element type `elem` of problem p, whose storage dtype is `storage`.
+bool has_elem(const py::array& a, Elem elem, const sdpa::Problem& p, const py::dtype& storage) {
+  const py::dtype dt = a.dtype();
+  switch (elem) {
+    case Elem::storage:
+      return dt.equal(storage);
+    case Elem::compute:
+      return dt.kind() == 'f' && static_cast<size_t>(dt.itemsize()) == sdpa::compute_size(p.dtype);
+    case Elem::u8:
+      return (dt.kind() == 'b' || dt.kind() == 'u') && dt.itemsize() == 1;
+    case Elem::f64:
+      return dt.kind() == 'f' && dt.itemsize() == 8;
+    case Elem::i64:
+      return dt.kind() == 'i' && dt.itemsize() == 8;
+  }
+  return false;
+}
+
+// Checks one operand against its spec and the problem's shape.
+void check_operand(const py::array& a, const OperandSpec& spec, const sdpa::Problem& p,
+                   const py::dtype& storage) {
+  const int nb = p.nbatch, core = core_dims(spec);
+  if (a.ndim() != nb + core) fail(spec.name, "unexpected number of dims");
+  for (int d = 0; d < nb; ++d) {
+    const bool group_dim = spec.key_side && d == nb - 1;
+    if (a.shape(d) != (group_dim ? 1 : p.batch_shape[d])) fail(spec.name, "unexpected batch shape");
+  }
+  if ((core >= 1 && a.shape(nb) != extent(p, spec.rows)) ||
+      (core >= 2 && a.shape(nb + 1) != extent(p, spec.cols)))
+    fail(spec.name, "core dims differ from the problem's");
+  if (!has_elem(a, spec.elem, p, storage) || !is_native(a.dtype()))
+    fail(spec.name, "unexpected dtype");
+  if (!(a.flags() & kAligned)) fail(spec.name, "not aligned");
+  if (spec.written && !a.writeable()) fail(spec.name, "not writeable");
+}
+
+py::array operand_array(const py::dict& operands, const char* name) {
+  if (!operands.contains(name)) fail(name, "missing");
+  py::object obj = operands[name];
+  if (!py::isinstance<py::array>(obj)) fail(name, "not an ndarray");
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
+// The kernel-side options from the Python record (an sdpa.Options: is_causal, scale, softcap,
+// alignment, window; scale None stays NaN, the driver's default).
+sdpa::Options options_from(py::handle record) {
+  sdpa::Options opt;
+  const py::object scale = record.attr("scale"), softcap = record.attr("softcap");
+  if (!scale.is_none()) opt.scale = scale.cast<double>();
+  if (!softcap.is_none()) opt.softcap = softcap.cast<double>();
+  opt.causal = record.attr("is_causal").cast<bool>();
+  const auto alignment = record.attr("alignment").cast<std::string>();
+  if (alignment == sdpa::kAlignmentNames[1])
+    opt.alignment = sdpa::Alignment::bottom_right;
+  else if (alignment != sdpa::kAlignmentNames[0])
+    fail("alignment", "unknown value " + alignment);
+  const py::object window = record.attr("window");
+  if (!window.is_none()) {
+    const auto sides = window.cast<std::pair<py::object, py::object>>();
+    if (!sides.first.is_none()) opt.window_left = sides.first.cast<int64_t>();
+    if (!sides.second.is_none()) opt.window_right = sides.second.cast<int64_t>();
+    if (opt.window_left < 0 || opt.window_right < 0) fail("window", "negative side");
+  }
+  return opt;
+}
+
+// The problem of a call: `operands` maps the names of kOperandSpecs to arrays already laid out
+// (batch..., G, core...), absent or None for optional ones; `record` is the options record.
+sdpa::Problem problem_from(const py::dict& operands, py::handle record) {
+  sdpa::Problem p;
+  const py::array q = operand_array(operands, "query");
+  const auto dtype = dtype_of(q.dtype());
+  if (!dtype) fail("query", "unsupported dtype");
+  p.dtype = *dtype;
+  const int nbatch = static_cast<int>(q.ndim()) - 2;
+  if (nbatch < 1 || nbatch > sdpa::kMaxBatchDims) fail("query", "number of batch dims out of range");
+  p.nbatch = nbatch;
+  for (int d = 0; d < nbatch; ++d) p.batch_shape[d] = q.shape(d);
+  p.L = q.shape(nbatch);
+  p.E = q.shape(nbatch + 1);
+  const py::array k = operand_array(operands, "key"), v = operand_array(operands, "value");
+  if (k.ndim() != q.ndim() || v.ndim() != q.ndim()) fail("key/value", "unexpected number of dims");
+  p.S = k.shape(nbatch);
+  p.Ev = v.shape(nbatch + 1);
+
+  size_t seen = 0;
+  for (int i = 0; i < sdpa::kOperandCount; ++i) {
+    const OperandSpec& spec = sdpa::kOperandSpecs[i];
+    const bool required = i <= static_cast<int>(Operand::out);
+    if (!operands.contains(spec.name)) {
+      if (required) fail(spec.name, "missing");
+      continue;
+    }
+    ++seen;
+    if (operands[spec.name].is_none() && !required) continue;
+    const py::array a = operand_array(operands, spec.name);
+    check_operand(a, spec, p, q.dtype());
+    p.operand[i] = make_view(a, spec.name, nbatch, core_dims(spec));
+  }
+  if (seen != operands.size()) fail("operands", "an unknown name among them");
+  if (p.has(Operand::bool_mask) && p.has(Operand::float_mask)) fail("masks", "at most one");
+  p.opt = options_from(record);
+  return p;
+}
+
+// attention(operands, record): the general route, for calls the Python layer has prepared.
+void attention(const py::dict& operands, py::handle record) {
+  const sdpa::Problem p = problem_from(operands, record);
+  py::gil_scoped_release release;
+  sdpa::run(p);
+}
+
+// The inner path (a name from kPathNames) that the first row tile of a call would take.
+std::string inner_path(const py::dict& operands, py::handle record) {
+  return sdpa::kPathNames[static_cast<int>(sdpa::path_of(problem_from(operands, record)))];
+}
+
+// The direct route for the most common call: q, k, v plain aligned native ndarrays of one dtype
+// with identical batch shapes, and among the options only is_causal (a bool), scale (None or a
+// finite float) and out (absent, or exactly right and not overlapping the inputs). It returns
+// None to decline anything else, leaving every check, broadcast and error message to the Python
+// layer; it exists because that layer's generality costs tens of microseconds per call, which
+// dominates small problems (benchmarks/NOTES.md, section 1).
+class Direct {
+ public:
+  // Reads the options this route honours; false when `options` holds anything else.
+  bool read_options(const py::dict& options) {
+    static PyObject* const kCausal = PyUnicode_InternFromString("is_causal");
+    static PyObject* const kScale = PyUnicode_InternFromString("scale");
+    static PyObject* const kOut = PyUnicode_InternFromString("out");
+    size_t understood = 0;
+    if (PyObject* c = PyDict_GetItem(options.ptr(), kCausal)) {
+      if (c != Py_True && c != Py_False) return false;
+      causal_ = c == Py_True;
+      ++understood;
+    }
+    if (PyObject* s = PyDict_GetItem(options.ptr(), kScale)) {
+      if (s != Py_None) {
+        if (!PyFloat_CheckExact(s) || !std::isfinite(PyFloat_AS_DOUBLE(s))) return false;
+        scale_ = PyFloat_AS_DOUBLE(s);
+      }
+      ++understood;
+    }
+    if (PyObject* o = PyDict_GetItem(options.ptr(), kOut)) {
+      if (o != Py_None) out_ = py::reinterpret_borrow<py::object>(o);
+      ++understood;
+    }
+    return understood == options.size();
+  }
+
+  // The problem of plain arrays q, k, v (see above); false to decline.
+  bool read_operands(py::handle q_obj, py::handle k_obj, py::handle v_obj) {
+    if (!plain(q_obj) || !plain(k_obj) || !plain(v_obj)) return false;
+    q_ = py::reinterpret_borrow<py::object>(q_obj);
+    k_ = py::reinterpret_borrow<py::object>(k_obj);
+    v_ = py::reinterpret_borrow<py::object>(v_obj);
+    const py::array q = array(q_), k = array(k_), v = array(v_);
+    const py::dtype dt = q.dtype();
+    const auto dtype = dtype_of(dt);
+    const py::ssize_t nd = q.ndim();
+    if (!dtype || !is_native(dt) || nd < 2 || nd > sdpa::kMaxBatchDims + 1) return false;
+    if (k.ndim() != nd || v.ndim() != nd) return false;
+    for (const py::array* a : {&k, &v})
+      if (!(a->dtype().is(dt) || a->dtype().equal(dt))) return false;
+    for (const py::array* a : {&q, &k, &v})
+      if (!(a->flags() & kAligned)) return false;
+    nb_ = static_cast<int>(nd) - 2;
+    for (int d = 0; d < nb_; ++d)
+      if (k.shape(d) != q.shape(d) || v.shape(d) != q.shape(d)) return false;
+    if (k.shape(nb_ + 1) != q.shape(nb_ + 1) || v.shape(nb_) != k.shape(nb_)) return false;
+    p_.dtype = *dtype;
+    p_.nbatch = nb_ + 1;  // plus the group dim G = 1
+    for (int d = 0; d < nb_; ++d) p_.batch_shape[d] = q.shape(d);
+    p_.batch_shape[nb_] = 1;
+    p_.L = q.shape(nb_);
+    p_.E = q.shape(nb_ + 1);
+    p_.S = k.shape(nb_);
+    p_.Ev = v.shape(nb_ + 1);
+    return true;
+  }
+
+  // The result: a new array, or `out` if it is exactly right; false to decline.
+  bool make_out() {
+    const py::array q = array(q_);
+    std::vector<py::ssize_t> shape(q.shape(), q.shape() + q.ndim());
+    shape[nb_ + 1] = p_.Ev;
+    if (!out_) {
+      out_ = py::array(q.dtype(), shape);
+      return true;
+    }
+    if (!plain(out_)) return false;
+    const py::array out = array(out_);
+    if (!out.dtype().equal(q.dtype()) || !is_native(out.dtype()) ||
+        out.ndim() != static_cast<py::ssize_t>(shape.size()) || !out.writeable() ||
+        !(out.flags() & kAligned))
+      return false;
+    for (size_t d = 0; d < shape.size(); ++d)
+      if (out.shape(d) != shape[d] || (out.strides(d) == 0 && out.shape(d) > 1))
+        return false;  // (a self-overlapping out is the Python layer's error to raise)
+    for (const py::object* a : {&q_, &k_, &v_})
+      if (may_overlap(out, array(*a))) return false;
+    return true;
+  }
+
+  // Computes the call into the result, which it returns.
+  py::object run() {
+    p_.view(Operand::query) = make_view(array(q_), "query", nb_, 2);
+    p_.view(Operand::key) = make_view(array(k_), "key", nb_, 2);
+    p_.view(Operand::value) = make_view(array(v_), "value", nb_, 2);
+    p_.view(Operand::out) = make_view(array(out_), "out", nb_, 2);
+    if (!std::isnan(scale_)) p_.opt.scale = scale_;
+    p_.opt.causal = causal_;
+    {
+      py::gil_scoped_release release;
+      sdpa::run(p_);
+    }
+    return std::move(out_);
+  }
+
+ private:
+  static py::array array(const py::object& h) { return py::reinterpret_borrow<py::array>(h); }
+  static bool plain(py::handle h) {
+    static PyObject* const ndarray_type =
+        py::object(py::module_::import("numpy").attr("ndarray")).release().ptr();
+    return Py_TYPE(h.ptr()) == reinterpret_cast<PyTypeObject*>(ndarray_type);
+  }
+
+  sdpa::Problem p_;
+  py::object q_, k_, v_, out_;  // (py::object: a default py::array would allocate one)
+  int nb_ = 0;
+  bool causal_ = false;
+  double scale_ = std::nan("");
+};
+
+py::object attention_direct(py::handle q, py::handle k, py::handle v, const py::dict& options) {
+  Direct call;
+  if (!call.read_options(options) || !call.read_operands(q, k, v) || !call.make_out())
+    return py::none();
+  return call.run();
+}
+
+void set_kernel(const py::capsule& cap) {
+  if (std::string(cap.name() ? cap.name() : "") != sdpa::kKernelCapsuleName)
+    throw std::invalid_argument("not an sdpa kernel capsule");
+  sdpa::set_kernel(static_cast<const sdpa::KernelTable*>(cap.get_pointer()));
+}
+
+py::object kernel_info() {
+  const sdpa::KernelTable* kt = sdpa::active_kernel();
+  if (!kt) return py::none();
+  py::dict d;
+  d["isa"] = kt->isa;
+  d["compile_info"] = kt->compile_info;
+  return d;
+}
+
+py::dict cpu_features() {
+  const sdpa::CpuFeatures f = sdpa::cpu_features();
+  py::dict d;
+  d["sse4.2"] = f.sse42;
+  d["avx2"] = f.avx2;
+  d["fma"] = f.fma;
+  d["f16c"] = f.f16c;
+  d["avx512f"] = f.avx512f;
+  d["avx512bw"] = f.avx512bw;
+  d["avx512dq"] = f.avx512dq;
+  d["avx512vl"] = f.avx512vl;
+  d["avx512bf16"] = f.avx512bf16;
+  return d;
+}
+
+}  // namespace
+
+// C entry points for threadpoolctl's custom controller (found through the loaded library).
+extern "C" __attribute__((visibility("default"))) int sdpa_get_num_threads() {
+  return sdpa::get_num_threads();
+}
+extern "C" __attribute__((visibility("default"))) void sdpa_set_num_threads(int n) {
+  sdpa::set_num_threads(n);
+}
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "sdpa driver and binding (baseline instructions; kernels live in _kernel_<isa>)";
+  m.def("attention", &attention, py::arg("operands"), py::arg("options"));
+  m.def("attention_direct", &attention_direct);
+  m.def("inner_path", &inner_path, py::arg("operands"), py::arg("options"));
+  m.def("set_kernel", &set_kernel);
+  m.def("kernel_info", &kernel_info);
+  m.def("cpu_features", &cpu_features);
+  m.def("set_num_threads", &sdpa::set_num_threads);
+  m.def("get_num_threads", &sdpa::get_num_threads);
+  m.def("_set_tiles", &sdpa::set_tiles,
+        "test and benchmark override of (row tile, key block); 0 = the planner's");
+  m.attr("max_batch_dims") = sdpa::kMaxBatchDims;
+  py::tuple dtypes(sdpa::kDTypeCount);
+  for (int d = 0; d < sdpa::kDTypeCount; ++d) dtypes[d] = sdpa::kDTypeNames[d];
+  m.attr("dtypes") = dtypes;
+  py::list operands;
+  for (const auto& spec : sdpa::kOperandSpecs) operands.append(spec.name);
+  m.attr("operands") = operands;
+  m.attr("binding_info") = "compiler " __VERSION__;
+}

@@ -1,0 +1,59 @@
+// The SIMD vocabulary the kernel's micro-kernels share: Eigen's float packet of the ISA this
+// variant is compiled for, and its width. Included by the kernel sources only, so that it is
+// compiled once per ISA with that variant's flags.
+#pragma once
+
+#include <Eigen/Core>
+
+namespace sdpa {
+namespace simd {
+
+namespace ei = Eigen::internal;
+
+// The register blocks of the micro-kernels are arrays indexed by compile-time loop counters; GCC
+// keeps them in registers only when those loops are fully unrolled, which it does not always
+// choose itself.
+#define SDPA_UNROLL _Pragma("GCC unroll 32")
+
+using Packet = ei::packet_traits<float>::type;
+constexpr int kW = ei::packet_traits<float>::size;  // floats per packet: 16, 8 or 4
+
+#if defined(EIGEN_VECTORIZE_AVX512) || defined(EIGEN_VECTORIZE_AVX2)
+#define SDPA_FAST_EXP 1
+// exp(x) for x <= 0, as the online softmax needs it (x = s - m, m the row max): Eigen's Cephes
+// polynomial on the reduced argument, with cheaper range handling than the general pexp. Below
+// -86 (and for -inf, a removed key) the result is exactly 0 (under 1e-37 of the row max, so
+// nothing is lost), which keeps 2^n a normal number that an integer add to the exponent field
+// can apply. NaN stays NaN (pmax keeps its first operand's NaN; cvtt turns NaN into INT_MIN,
+// whose shift adds 0 to the exponent).
+inline Packet exp_nonpositive_packet(const Packet& x) {
+  using PI = ei::unpacket_traits<Packet>::integer_packet;
+  const Packet lo = ei::pset1<Packet>(-86.0f);
+  const Packet xc = ei::pmax(x, lo);
+  // x = n ln2 + r, |r| <= ln2 / 2, ln2 split in two parts for the reduction.
+  const Packet n =
+      ei::pfloor(ei::pmadd(xc, ei::pset1<Packet>(1.44269504088896341f), ei::pset1<Packet>(0.5f)));
+  Packet r = ei::pmadd(n, ei::pset1<Packet>(-0.693359375f), xc);
+  r = ei::pmadd(n, ei::pset1<Packet>(2.12194440e-4f), r);
+  const Packet r2 = ei::pmul(r, r);
+  Packet y = ei::pmadd(ei::pset1<Packet>(1.9875691500e-4f), r, ei::pset1<Packet>(1.3981999507e-3f));
+  Packet y1 =
+      ei::pmadd(ei::pset1<Packet>(4.1665795894e-2f), r, ei::pset1<Packet>(1.6666665459e-1f));
+  y = ei::pmadd(y, r, ei::pset1<Packet>(8.3334519073e-3f));
+  y1 = ei::pmadd(y1, r, ei::pset1<Packet>(5.0000001201e-1f));
+  y = ei::pmadd(y, ei::pmul(r2, r), y1);
+  y = ei::pmadd(y, r2, ei::padd(r, ei::pset1<Packet>(1.0f)));  // exp(r)
+  const PI e = ei::plogical_shift_left<23>(ei::pcast<Packet, PI>(n));
+  y = ei::preinterpret<Packet>(ei::padd(ei::preinterpret<PI>(y), e));  // exp(r) * 2^n
+  return ei::pandnot(y, ei::pcmp_lt(x, lo));
+}
+#else
+// Without AVX2: Eigen's general exp, sent to exactly 0 below -86 (Eigen clamps its argument and
+// would return a tiny positive number for -inf, a removed key).
+inline Packet exp_nonpositive_packet(const Packet& x) {
+  return ei::pandnot(ei::pexp(x), ei::pcmp_lt(x, ei::pset1<Packet>(-86.0f)));
+}
+#endif
+
+}  // namespace simd
+}  // namespace sdpa
