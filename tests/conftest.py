@@ -109,6 +109,19 @@ def check(query, key, value, attn_mask=None, **kwargs):
     return actual
 
 
+def pytest_report_header(config):
+    """The kernel variant, thread count and versions under test, at the top of every run."""
+    import platform
+
+    info = sdpa._core.kernel_info() or {}
+    return [
+        f"sdpa {sdpa.__version__}: isa {_config.isa()} (available: "
+        f"{', '.join(_config.available_isas())}), {sdpa.get_num_threads()} threads",
+        f"sdpa kernel build: {info.get('compile_info', '?')}",
+        f"numpy {np.__version__}, python {platform.python_version()}, {platform.machine()}",
+    ]
+
+
 @pytest.fixture
 def rng(request):
     """A generator seeded from the test's id: reproducible, different for each test."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import sdpa
-from sdpa import _config
+from sdpa import _config, _isas
 
 
 def run_python(code, **env):
@@ -24,9 +24,13 @@ def run_python(code, **env):
 def test_available_isas_are_ordered_best_first():
     avail = _config.available_isas()
     assert avail, "no kernel variant available"
-    order = ["avx512_bf16", "avx512", "avx2", "baseline", "generic"]
+    order = list(_isas.ISAS)  # the build's list, best first (CMakeLists.txt, sdpa_add_kernel)
     assert avail == sorted(avail, key=order.index)
-    assert avail[-1] in ("baseline", "generic")
+    assert avail[-1] == order[-1] and not _isas.ISAS[order[-1]]  # the last needs nothing
+
+
+def test_every_variant_of_the_build_is_present():
+    assert _config._built_isas() == list(_isas.ISAS)
 
 
 def test_default_is_the_best_available():

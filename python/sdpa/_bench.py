@@ -20,7 +20,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -56,6 +56,11 @@ class Shape:
         return (self.B, self.Hq, self.Hkv, self.L, self.S, self.E)
 
     @property
+    def decode_like(self) -> bool:
+        """Few query rows over many keys: the work is reading K and V."""
+        return self.L <= 16 and self.S >= 1024
+
+    @property
     def kv_bytes(self) -> float:
         return 2.0 * self.B * self.Hkv * self.S * self.E * 4
 
@@ -77,26 +82,114 @@ QUICK = ("seed", "bert", "vit", "gqa-prefill", "decode", "window")
 _SETTLE = 0.15  # seconds of quiet before each timed round of _median_times
 
 
-def _median_times(fns: list[Callable[[], Any]], budget: float, rounds: int = 5) -> list[float]:
-    """Median seconds per call of each fn (at least one call a round), about `budget` seconds
-    each, measured in alternating rounds: on a shared machine, a change of load in mid-run then
-    touches every fn alike rather than whichever ran at the time, and their ratio stays
-    meaningful."""
-    times: list[list[float]] = [[] for _ in fns]
+class Timer:
+    """Something to time in rounds: `round(budget)` makes a warm-up call, then timed calls (at
+    least one) for about `budget` seconds, and returns their durations."""
+
+    def round(self, budget: float) -> list[float]:
+        raise NotImplementedError
+
+
+class LocalTimer(Timer):
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+
+    def round(self, budget: float) -> list[float]:
+        times = []
+        self.fn()
+        start = time.perf_counter()
+        while True:
+            t0 = time.perf_counter()
+            self.fn()
+            times.append(time.perf_counter() - t0)
+            if t0 - start >= budget or len(times) >= 10000:
+                return times
+
+
+def _median_times(timers: dict[str, Timer], budget: float, rounds: int = 5) -> dict[str, float]:
+    """Median seconds per call of each timer, about `budget` seconds each, measured in
+    alternating rounds: on a shared machine, a change of load in mid-run then touches every
+    timer alike rather than whichever ran at the time, and their ratio stays meaningful."""
+    times: dict[str, list[float]] = {name: [] for name in timers}
     for _ in range(rounds):
-        for fn, t in zip(fns, times):
-            # Let the previous fn's threads finish spinning (OpenBLAS's wait up to ~0.1 s, the
-            # OpenMP and sdpa pools' shorter ones) before a warm-up call and the timed ones.
+        for name, timer in timers.items():
+            # Let the previous timer's threads finish spinning (OpenBLAS's wait up to ~0.1 s,
+            # the OpenMP and sdpa pools' shorter ones) before its warm-up call and timed ones.
             time.sleep(_SETTLE)
+            times[name] += timer.round(budget / rounds)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _median_time(fn: Callable[[], Any], budget: float) -> float:
+    return _median_times({"fn": LocalTimer(fn)}, budget, 1)["fn"]
+
+
+# A server that times one shape in another Python (another build of sdpa) on request, through the
+# public API only, so that any two builds can be compared side by side (`--against PYTHON`).
+# Requests on stdin, one JSON object a line: {"shape": {...}, "threads": n} sets the shape up;
+# {"budget": seconds} times one round and answers with the list of durations.
+_SERVER = """
+import json, sys, time
+import numpy as np, sdpa
+fn = None
+for line in sys.stdin:
+    req = json.loads(line)
+    if "shape" in req:
+        d = req["shape"]
+        sdpa.set_num_threads(req["threads"])
+        rng = np.random.default_rng(0)
+        q = rng.standard_normal((d["B"], d["Hq"], d["L"], d["E"]), dtype=np.float32)
+        k = rng.standard_normal((d["B"], d["Hkv"], d["S"], d["E"]), dtype=np.float32)
+        v = rng.standard_normal((d["B"], d["Hkv"], d["S"], d["E"]), dtype=np.float32)
+        out = np.empty_like(q)
+        kw = {"is_causal": d["causal"], "enable_gqa": d["Hq"] != d["Hkv"], "out": out}
+        if d["window"] is not None:
+            kw["window"] = tuple(d["window"])
+        fn = lambda: sdpa.scaled_dot_product_attention(q, k, v, **kw)
+        print(json.dumps({"version": sdpa.__version__}), flush=True)
+    else:
+        times = []
+        fn()
+        start = time.perf_counter()
+        while True:
+            t0 = time.perf_counter()
             fn()
-            start = time.perf_counter()
-            while True:
-                t0 = time.perf_counter()
-                fn()
-                t.append(time.perf_counter() - t0)
-                if t0 - start >= budget / rounds or len(t) >= 10000:
-                    break
-    return [statistics.median(t) for t in times]
+            times.append(time.perf_counter() - t0)
+            if t0 - start >= req["budget"] or len(times) >= 10000:
+                break
+        print(json.dumps(times), flush=True)
+"""
+
+
+class RemoteTimer(Timer):
+    """sdpa as installed for another Python interpreter, timed by _SERVER in a subprocess."""
+
+    def __init__(self, python: str) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            [python, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def _ask(self, request: dict[str, Any]) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError("the --against interpreter stopped; see its error above")
+        return json.loads(answer)
+
+    def set_shape(self, shape: Shape, threads: int) -> str:
+        return str(self._ask({"shape": asdict(shape), "threads": threads})["version"])
+
+    def round(self, budget: float) -> list[float]:
+        return list(self._ask({"budget": budget}))
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 Probe = tuple[Callable[[], Any], float]  # a call, and the work (flops or bytes) it does
@@ -178,7 +271,24 @@ def _torch_fn(
     return run
 
 
-def run_suite(names: list[str], threads: int, budget: float, with_naive: bool) -> dict[str, Any]:
+@dataclass
+class _Context:
+    """What every shape of a run is timed with."""
+
+    threads: int
+    budget: float
+    with_naive: bool
+    gemm: Probe
+    torch_gemm: Probe | None
+    read: Probe
+    against: RemoteTimer | None = None
+    against_version: str | None = None
+    full_times: dict[tuple[int, ...], float] = field(default_factory=dict)
+
+
+def _limit_threads(threads: int) -> tuple[str | None, Any]:
+    """sdpa, PyTorch and the BLAS on `threads` threads; returns torch's version and the BLAS
+    limits to restore."""
     import sdpa
 
     sdpa.set_num_threads(threads)
@@ -193,88 +303,113 @@ def run_suite(names: list[str], threads: int, budget: float, with_naive: bool) -
     try:
         from threadpoolctl import threadpool_limits
 
-        limits: Any = threadpool_limits(limits=threads)
+        return torch_version, threadpool_limits(limits=threads)
     except ImportError:
-        limits = None
+        return torch_version, None
 
+
+def run_suite(
+    names: list[str], threads: int, budget: float, with_naive: bool, against: str | None = None
+) -> dict[str, Any]:
+    import sdpa
+
+    torch_version, limits = _limit_threads(threads)
     # The yardsticks are timed with every shape, in the same alternating rounds as sdpa, so that
     # each fraction compares rates measured side by side (this machine's load moves).
-    gemm_probe = _gemm_probe()
-    torch_gemm_probe = _torch_gemm_probe()
-    read_probe = _read_probe(threads)
+    ctx = _Context(threads, budget, with_naive, _gemm_probe(), _torch_gemm_probe(),
+                   _read_probe(threads), RemoteTimer(against) if against else None)  # fmt: skip
     rows = []
-    full_times: dict[tuple[int, ...], float] = {}
-    rng = np.random.default_rng(0)
     for shape in SUITE:
-        if shape.name not in names:
-            continue
-        q = rng.standard_normal((shape.B, shape.Hq, shape.L, shape.E), dtype=np.float32)
-        k = rng.standard_normal((shape.B, shape.Hkv, shape.S, shape.E), dtype=np.float32)
-        v = rng.standard_normal((shape.B, shape.Hkv, shape.S, shape.E), dtype=np.float32)
-        out = np.empty_like(q)
-        gqa = shape.Hq != shape.Hkv
-
-        def ours(q=q, k=k, v=v, out=out, shape=shape, gqa=gqa) -> Any:
-            return sdpa.scaled_dot_product_attention(
-                q, k, v, is_causal=shape.causal, enable_gqa=gqa, out=out, window=shape.window
-            )
-
-        # sdpa, PyTorch and the yardsticks, timed in alternating rounds.
-        timed: dict[str, Callable[[], Any]] = {"ours": ours, "gemm": gemm_probe[0]}
-        tfn = _torch_fn(q, k, v, shape)
-        if tfn is not None:
-            timed["torch"] = tfn
-        if torch_gemm_probe is not None:
-            timed["torch_gemm"] = torch_gemm_probe[0]
-        if shape.L <= 16 and shape.S >= 1024:  # decode-like: the work is reading K and V
-            timed["read"] = read_probe[0]
-        t = dict(zip(timed, _median_times(list(timed.values()), budget)))
-        t_ours = t["ours"]
-        row: dict[str, Any] = {
-            "shape": shape.name,
-            "dims": asdict(shape),
-            "sdpa_ms": t_ours * 1e3,
-            "gflops": shape.flops / t_ours / 1e9,
-            "gemm_gflops": gemm_probe[1] / t["gemm"] / 1e9,
-        }
-        row["gemm_fraction"] = row["gflops"] / row["gemm_gflops"]
-        if torch_gemm_probe is not None:
-            row["torch_gemm_gflops"] = torch_gemm_probe[1] / t["torch_gemm"] / 1e9
-            row["torch_gemm_fraction"] = row["gflops"] / row["torch_gemm_gflops"]
-        if "read" in t:
-            row["read_gbps"] = read_probe[1] / t["read"] / 1e9
-            row["kv_gbps"] = shape.kv_bytes / t_ours / 1e9
-            row["bandwidth_fraction"] = row["kv_gbps"] / row["read_gbps"]
-        if shape.window is not None:  # the speed-up over full attention on the same shape
-            full = functools.partial(sdpa.scaled_dot_product_attention, q, k, v, out=out)
-            t_full = full_times.get(shape.dims_key) or _median_times([full], budget, 1)[0]
-            row["vs_full"] = t_full / t_ours
-        elif not shape.causal:
-            full_times[shape.dims_key] = t_ours
-        if with_naive and shape.window is None:
-            naive = functools.partial(_naive, q, k, v, shape)
-            t_naive = _median_times([naive], budget, 1)[0]
-            row["naive_ms"] = t_naive * 1e3
-            row["vs_naive"] = t_naive / t_ours
-        if "torch" in t:
-            row["torch_ms"] = t["torch"] * 1e3
-            row["vs_torch"] = t["torch"] / t_ours
-        rows.append(row)
-        _print_row(row)
+        if shape.name in names:
+            rows.append(_measure(shape, ctx))
+            _print_row(rows[-1])
     if limits is not None:
         limits.restore_original_limits()
+    if ctx.against is not None:
+        ctx.against.close()
     return {
         "machine": _machine(),
         "threads": threads,
         "isa": sdpa._config.isa(),
         "sdpa_version": sdpa.__version__,
         "torch_version": torch_version,
+        "against": against,
+        "against_version": ctx.against_version,
         # the yardsticks' medians over the shapes (each row has its own)
         "gemm_gflops": _median_of(rows, "gemm_gflops"),
         "torch_gemm_gflops": _median_of(rows, "torch_gemm_gflops"),
         "read_gbps": _median_of(rows, "read_gbps"),
         "rows": rows,
     }
+
+
+def _measure(shape: Shape, ctx: _Context) -> dict[str, Any]:
+    """Times sdpa, its rivals and the yardsticks on one shape in alternating rounds."""
+    import sdpa
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((shape.B, shape.Hq, shape.L, shape.E), dtype=np.float32)
+    k = rng.standard_normal((shape.B, shape.Hkv, shape.S, shape.E), dtype=np.float32)
+    v = rng.standard_normal((shape.B, shape.Hkv, shape.S, shape.E), dtype=np.float32)
+    out = np.empty_like(q)
+    kwargs = {"is_causal": shape.causal, "enable_gqa": shape.Hq != shape.Hkv, "out": out}
+    if shape.window is not None:
+        kwargs["window"] = shape.window
+    timers: dict[str, Timer] = {
+        "ours": LocalTimer(functools.partial(sdpa.scaled_dot_product_attention, q, k, v, **kwargs)),
+        "gemm": LocalTimer(ctx.gemm[0]),
+    }
+    tfn = _torch_fn(q, k, v, shape)
+    if tfn is not None:
+        timers["torch"] = LocalTimer(tfn)
+    if ctx.torch_gemm is not None:
+        timers["torch_gemm"] = LocalTimer(ctx.torch_gemm[0])
+    if shape.decode_like:
+        timers["read"] = LocalTimer(ctx.read[0])
+    if ctx.against is not None:
+        ctx.against_version = ctx.against.set_shape(shape, ctx.threads)
+        timers["against"] = ctx.against
+    t = _median_times(timers, ctx.budget)
+    if shape.window is not None:  # the speed-up over full attention on the same shape
+        full = functools.partial(sdpa.scaled_dot_product_attention, q, k, v, out=out)
+        t["full"] = ctx.full_times.get(shape.dims_key) or _median_time(full, ctx.budget)
+    elif not shape.causal:
+        ctx.full_times[shape.dims_key] = t["ours"]
+    if ctx.with_naive and shape.window is None:
+        t["naive"] = _median_time(functools.partial(_naive, q, k, v, shape), ctx.budget)
+    return _row(shape, t, ctx)
+
+
+def _row(shape: Shape, t: dict[str, float], ctx: _Context) -> dict[str, Any]:
+    """A result row: rates and ratios from the median times `t` (seconds per call)."""
+    ours = t["ours"]
+    row: dict[str, Any] = {
+        "shape": shape.name,
+        "dims": asdict(shape),
+        "sdpa_ms": ours * 1e3,
+        "gflops": shape.flops / ours / 1e9,
+        "gemm_gflops": ctx.gemm[1] / t["gemm"] / 1e9,
+    }
+    row["gemm_fraction"] = row["gflops"] / row["gemm_gflops"]
+    if ctx.torch_gemm is not None:
+        row["torch_gemm_gflops"] = ctx.torch_gemm[1] / t["torch_gemm"] / 1e9
+        row["torch_gemm_fraction"] = row["gflops"] / row["torch_gemm_gflops"]
+    if "read" in t:
+        row["read_gbps"] = ctx.read[1] / t["read"] / 1e9
+        row["kv_gbps"] = shape.kv_bytes / ours / 1e9
+        row["bandwidth_fraction"] = row["kv_gbps"] / row["read_gbps"]
+    if "full" in t:
+        row["vs_full"] = t["full"] / ours
+    if "naive" in t:
+        row["naive_ms"] = t["naive"] * 1e3
+        row["vs_naive"] = t["naive"] / ours
+    if "torch" in t:
+        row["torch_ms"] = t["torch"] * 1e3
+        row["vs_torch"] = t["torch"] / ours
+    if "against" in t:
+        row["against_ms"] = t["against"] * 1e3
+        row["vs_against"] = t["against"] / ours
+    return row
 
 
 def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
@@ -309,7 +444,7 @@ def _machine() -> str:
 
 _HEADER = (
     f"{'shape':<12} {'sdpa ms':>9} {'GFLOP/s':>8} {'of GEMM':>8} {'of tGEMM':>9} {'vs naive':>9} "
-    f"{'vs torch':>9} {'KV GB/s':>8} {'of BW':>6} {'vs full':>8}"
+    f"{'vs torch':>9} {'KV GB/s':>8} {'of BW':>6} {'vs full':>8} {'vs base':>8}"
 )
 
 
@@ -324,7 +459,7 @@ def _print_row(row: dict[str, Any]) -> None:
         f"{row['gemm_fraction']:>8.0%} {_fmt(row.get('torch_gemm_fraction'), '>9.0%')} "
         f"{_fmt(row.get('vs_naive'), '>8.2f', 'x')} {_fmt(row.get('vs_torch'), '>8.2f', 'x')} "
         f"{_fmt(row.get('kv_gbps'), '>8.1f')} {_fmt(row.get('bandwidth_fraction'), '>6.0%')} "
-        f"{_fmt(row.get('vs_full'), '>7.1f', 'x')}",
+        f"{_fmt(row.get('vs_full'), '>7.1f', 'x')} {_fmt(row.get('vs_against'), '>7.3f', 'x')}",
         flush=True,
     )
 
@@ -336,6 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--shapes", help="comma-separated shape names to run")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive NumPy timings")
+    parser.add_argument(
+        "--against",
+        metavar="PYTHON",
+        help="also time the sdpa installed for another Python interpreter (another build) in the "
+        "same alternating rounds; 'vs base' is its time over this build's",
+    )
     args = parser.parse_args(argv)
 
     import sdpa
@@ -354,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         f"sdpa {sdpa.__version__} bench: {_machine()}; {threads} threads; isa {sdpa._config.isa()}"
     )
     print(_HEADER, flush=True)
-    result = run_suite(names, threads, budget, with_naive=not args.no_naive)
+    result = run_suite(names, threads, budget, not args.no_naive, args.against)
     rows = result["rows"]
     print(
         "yardsticks, timed with each shape: fp32 GEMM 2048^3 through NumPy "

@@ -17,11 +17,21 @@ import numpy as np
 
 from . import _core
 from ._options import DIRECT, PER_HEAD, Options, takes_options
+from ._options import is_default as _is_default
 
 __all__ = ["attention_weights", "scaled_dot_product_attention"]
 
 _DTYPES = frozenset(_core.dtypes)  # the storage types the kernel computes in their own right
 _ACCEPTED = "float16, bfloat16 (ml_dtypes), float32 or float64"
+_NAMES: dict[np.dtype, str] = {}
+
+
+def _name(dtype: np.dtype) -> str:
+    """dtype.name, cached: NumPy computes it in Python, at a few microseconds a call."""
+    name = _NAMES.get(dtype)
+    if name is None:
+        name = _NAMES[dtype] = dtype.name
+    return name
 
 
 @takes_options(exclude=())
@@ -53,14 +63,25 @@ def scaled_dot_product_attention(
     restriction (bool mask, causal, window, kv_lengths) removes keys. A query row left with no
     key to attend to gets output 0 (never NaN) and lse -inf.
     """
-    if attn_mask is None and options.keys() <= DIRECT:
-        result = _core.attention_direct(query, key, value, options)
-        if result is not None:
-            return result
+    if attn_mask is None:
+        direct = options if options.keys() <= DIRECT else _direct_options(options)
+        if direct is not None:
+            result = _core.attention_direct(query, key, value, direct)
+            if result is not None:
+                return result
     opts = Options.parse(options, where="scaled_dot_product_attention")
     call = _prepare(query, key, value, attn_mask, opts)
     out, lse, _ = _run(call, want_weights=False)
     return (out, lse) if opts.return_lse else out
+
+
+def _direct_options(options: dict[str, Any]) -> dict[str, Any] | None:
+    """The options the direct route honours, if every other one is given at its default (as in
+    ``f(q, k, v, enable_gqa=False)``); else None."""
+    for name, value in options.items():
+        if name not in DIRECT and not _is_default(name, value):
+            return None
+    return {name: value for name, value in options.items() if name in DIRECT}
 
 
 @takes_options(exclude=("out", "return_lse"))
@@ -86,6 +107,16 @@ def attention_weights(query: Any, key: Any, attn_mask: Any = None, **options: An
     _, _, weights = _run(_prepare(query, k, value, attn_mask, opts), want_weights=True)
     assert weights is not None
     return weights
+
+
+def _inner_path(query: Any, key: Any, value: Any, attn_mask: Any = None, **options: Any) -> str:
+    """The kernel's inner path ("panels", "few_rows" or "general") for the first row tile of
+    this call, as the general route would lay it out (for tests and diagnostics)."""
+    call = _prepare(query, key, value, attn_mask, Options.parse(options))
+    shape = call.batch + (call.L, call.v.shape[-1])
+    lse = np.empty(call.batch + (call.L,), call.acc_dtype) if call.opts.return_lse else None
+    results = {"out": np.empty(shape, call.dtype), "lse": lse}
+    return _core.inner_path(_views(call, results, _per_head(call)), call.opts)
 
 
 @dataclass
@@ -130,7 +161,7 @@ def _prepare(query: Any, key: Any, value: Any, attn_mask: Any, opts: Options) ->
 
 def _as_operand(x: Any, name: str) -> np.ndarray:
     a = np.asarray(x)
-    if a.dtype.name not in _DTYPES:
+    if _name(a.dtype) not in _DTYPES:
         raise TypeError(f"{name} must have dtype {_ACCEPTED}; got {a.dtype}")
     if a.ndim < 2:
         raise ValueError(
@@ -156,7 +187,7 @@ def _operands(query: Any, key: Any, value: Any, opts: Options) -> _Call:
         dtype = np.result_type(q.dtype, k.dtype, v.dtype)
     except TypeError:  # e.g. float16 with bfloat16: NumPy has no common type
         dtype = None
-    if dtype is None or dtype.name not in _DTYPES:
+    if dtype is None or _name(dtype) not in _DTYPES:
         got = "have no common dtype" if dtype is None else f"promote to {dtype}"
         raise TypeError(
             f"query, key and value ({q.dtype}, {k.dtype}, {v.dtype}) {got}; the accepted "
@@ -181,7 +212,7 @@ def _mask(call: _Call, attn_mask: Any) -> None:
     mask = np.asarray(attn_mask)
     if mask.dtype == np.bool_:
         call.mask_name = "bool_mask"
-    elif mask.dtype.name in _DTYPES:
+    elif _name(mask.dtype) in _DTYPES:
         call.mask_name = "float_mask"
         acc = call.acc_dtype
         if mask.dtype.itemsize > acc.itemsize:
@@ -338,17 +369,20 @@ def _views(
     gqa = len(batch) != len(call.outer)
     kv_batch = call.outer + (call.k.shape[-3],) if gqa else batch
 
+    # (reshape only splits a dim or inserts one of size 1 here, which never copies)
     def query_side(a: np.ndarray, core: tuple[int, ...]) -> np.ndarray:
         # (broadcast_to views are read-only: out, lse and weights already have the shape)
         if a.shape != batch + core:
             a = np.broadcast_to(a, batch + core)
-        if gqa:
-            return _add_group_dim(a, len(core) + 1, call.groups)
-        return np.expand_dims(a, len(batch))
+        if gqa:  # the query heads, the last batch dim, split into (Hkv, G)
+            return a.reshape(batch[:-1] + (batch[-1] // call.groups, call.groups) + core)
+        return a.reshape(batch + (1,) + core)
 
     def key_side(a: np.ndarray, core: tuple[int, ...]) -> np.ndarray:
-        a = np.broadcast_to(_native(a, call.dtype), kv_batch + core)
-        return np.expand_dims(a, len(kv_batch))
+        a = _native(a, call.dtype)
+        if a.shape != kv_batch + core:
+            a = np.broadcast_to(a, kv_batch + core)
+        return a.reshape(kv_batch + (1,) + core)
 
     views = {
         "query": query_side(_native(call.q, call.dtype), (L, E)),
@@ -361,13 +395,3 @@ def _views(
     views.update({n: query_side(a, cores[n]) for n, a in results.items() if a is not None})
     views.update({n: query_side(a, ()) for n, a in per_head.items()})
     return views
-
-
-def _add_group_dim(a: np.ndarray, axis_from_end: int, groups: int) -> np.ndarray:
-    """Split dim `-axis_from_end` (size H) into (H // groups, groups) without copying."""
-    ax = a.ndim - axis_from_end
-    h = a.shape[ax]
-    shape = a.shape[:ax] + (h // groups, groups) + a.shape[ax + 1 :]
-    st = a.strides[ax]
-    strides = a.strides[:ax] + (st * groups, st) + a.strides[ax + 1 :]
-    return np.lib.stride_tricks.as_strided(a, shape, strides, writeable=a.flags.writeable)
