@@ -128,7 +128,8 @@ sdpa::Problem problem_from(const py::dict& operands, py::handle record) {
   if (!dtype) fail("query", "unsupported dtype");
   p.dtype = *dtype;
   const int nbatch = static_cast<int>(q.ndim()) - 2;
-  if (nbatch < 1 || nbatch > sdpa::kMaxBatchDims) fail("query", "number of batch dims out of range");
+  if (nbatch < 1 || nbatch > sdpa::kMaxBatchDims)
+    fail("query", "number of batch dims out of range");
   p.nbatch = nbatch;
   for (int d = 0; d < nbatch; ++d) p.batch_shape[d] = q.shape(d);
   p.L = q.shape(nbatch);

@@ -1,6 +1,7 @@
 // The Python face of one kernel variant, compiled into each sdpa._kernel_<isa>: a module whose
-// attribute `table` is a capsule holding the variant's KernelTable. It is imported only after the CPU was found to support the
-// variant's instructions, and its symbols stay hidden so variants cannot be merged by the linker.
+// attribute `table` is a capsule holding the variant's KernelTable. It is imported only after the
+// CPU was found to support the variant's instructions, and its symbols stay hidden so variants
+// cannot be merged by the linker.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 

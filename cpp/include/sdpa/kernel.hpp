@@ -26,9 +26,7 @@ constexpr int kMaxBatchDims = 32;
 enum class DType : int { f16 = 0, bf16 = 1, f32 = 2, f64 = 3 };
 constexpr const char* kDTypeNames[] = {"float16", "bfloat16", "float32", "float64"};
 constexpr int kDTypeCount = 4;
-inline size_t storage_size(DType d) {
-  return d == DType::f64 ? 8 : d == DType::f32 ? 4 : 2;
-}
+inline size_t storage_size(DType d) { return d == DType::f64 ? 8 : d == DType::f32 ? 4 : 2; }
 // The type each is computed (accumulated) in: float64 for float64, float32 for the others.
 inline size_t compute_size(DType d) { return d == DType::f64 ? 8 : 4; }
 
@@ -144,18 +142,26 @@ struct Plan {
 // out [outer x row tile][split][row of the tile].
 struct PartialRecord {
   static int64_t size(int64_t Ev) { return Ev + 2; }
-  static int64_t count(const Plan& plan, int64_t Ev) { return plan.n_items * plan.row_tile * size(Ev); }
+  static int64_t count(const Plan& plan, int64_t Ev) {
+    return plan.n_items * plan.row_tile * size(Ev);
+  }
   // Element offset of the record of row r of tile `tile_index` (outer * n_row_tiles + tile).
   static int64_t offset(const Plan& plan, int64_t Ev, int64_t tile_index, int64_t split,
                         int64_t r) {
     return ((tile_index * plan.n_splits + split) * plan.row_tile + r) * size(Ev);
   }
   template <typename T>
-  static T& m(T* record) { return record[0]; }
+  static T& m(T* record) {
+    return record[0];
+  }
   template <typename T>
-  static T& l(T* record) { return record[1]; }
+  static T& l(T* record) {
+    return record[1];
+  }
   template <typename T>
-  static T* acc(T* record) { return record + 2; }
+  static T* acc(T* record) {
+    return record + 2;
+  }
 };
 
 // The kernel's inner paths (see choose_path in attention.cpp), reported by KernelTable::path_of.

@@ -180,8 +180,8 @@ struct Kernel {
         key_side_block<T, Store>(p.view(Operand::value), o[Operand::value], j0, nk, p.Ev, ws.Vc);
     if constexpr (std::is_same_v<T, float>) {
       if (path == Path::few_rows)
-        return few_rows::accumulate(ws.Sb, ws.kb, nr, Vb.data(), Vb.outerStride(), nk, p.Ev,
-                                    ws.acc, p.Ev, plan.few_rows_pv_keys);
+        return few_rows::accumulate(ws.Sb, ws.kb, nr, Vb.data(), Vb.outerStride(), nk, p.Ev, ws.acc,
+                                    p.Ev, plan.few_rows_pv_keys);
     }
     if (nr <= plan.few_rows_max) {  // (float64: rows of a few-row tile, without packing)
       for (int64_t c = 0; c < nk; ++c)
@@ -256,8 +256,8 @@ struct Kernel {
 
   // The score modifiers, in the documented order: softcap, + float mask, + ALiBi; then every
   // boolean restriction (key ranges, bool mask) sets removed keys to -inf.
-  static void apply_modifiers(const Problem& p, int64_t nr, int64_t j0, int64_t nk,
-                              Scratch<T>& ws, bool all_in_range) {
+  static void apply_modifiers(const Problem& p, int64_t nr, int64_t j0, int64_t nk, Scratch<T>& ws,
+                              bool all_in_range) {
     const RowInfo* rows = ws.rows;
     MatMap<T> Sb(ws.Sb, nr, nk, Eigen::OuterStride<>(ws.kb));
     if (p.opt.softcap > 0) {
@@ -428,7 +428,8 @@ struct Kernel {
         const int64_t r0 = panels.first_row(pi), pr = panels.rows(pi), ld = panels.ld(pi);
         for (int64_t i0 = 0; i0 < pr; i0 += simd::kW) {
           panel::transpose_from_lanes(ws.acc + r0 * p.Ev + i0, ld, p.Ev, ws.Tr, p.Ev);
-          for (int64_t i = 0; i < simd::kW && i0 + i < pr; ++i) finish(r0 + i0 + i, ws.Tr + i * p.Ev);
+          for (int64_t i = 0; i < simd::kW && i0 + i < pr; ++i)
+            finish(r0 + i0 + i, ws.Tr + i * p.Ev);
         }
       }
     }
@@ -504,7 +505,8 @@ struct Kernel {
     }
   }
 
-  // ---- Entry points ------------------------------------------------------------------------------
+  // ---- Entry points
+  // ------------------------------------------------------------------------------
 
   static void run_items(const Problem& p, const Plan& plan, int64_t begin, int64_t end,
                         void* scratch) {

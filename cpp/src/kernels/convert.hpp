@@ -84,9 +84,9 @@ struct PacketOf<Eigen::bfloat16> : HalfPacketOf<Eigen::bfloat16, PacketBF> {};
 template <typename T, typename Src, typename Dst>
 constexpr bool kHalfPackets =
     std::is_same_v<T, float> && !std::is_same_v<Src, Dst> &&
-    (std::is_same_v<Src, float> || std::is_same_v<Dst, float>)&&(
-        std::is_same_v<Src, Eigen::half> || std::is_same_v<Src, Eigen::bfloat16> ||
-        std::is_same_v<Dst, Eigen::half> || std::is_same_v<Dst, Eigen::bfloat16>);
+    (std::is_same_v<Src, float> || std::is_same_v<Dst, float>) &&
+    (std::is_same_v<Src, Eigen::half> || std::is_same_v<Src, Eigen::bfloat16> ||
+     std::is_same_v<Dst, Eigen::half> || std::is_same_v<Dst, Eigen::bfloat16>);
 #else
 template <typename T, typename Src, typename Dst>
 constexpr bool kHalfPackets = false;
