@@ -265,17 +265,13 @@ struct Kernel {
       Sb = (Sb.array() * inv_c).tanh() * c;
     }
     if (p.has(Operand::float_mask)) {
-      const auto* mk = static_cast<const T*>(p.view(Operand::float_mask).data);
-      const int64_t cs = p.view(Operand::float_mask).col_stride;
-      for (int64_t r = 0; r < nr; ++r) {
-        const T* mrow = mk + rows[r].mask_off + j0 * cs;
-        T* srow = ws.Sb + r * ws.kb;
+      mask_rows<T>(p, Operand::float_mask, nr, j0, ws, [&](T* srow, const T* mrow, int64_t cs) {
         if (cs == 1) {
           Eigen::Map<RowVec<T>>(srow, nk) += Eigen::Map<const RowVec<T>>(mrow, nk);
         } else {
           for (int64_t c = 0; c < nk; ++c) srow[c] += mrow[c * cs];
         }
-      }
+      });
     }
     if (p.has(Operand::alibi_slopes)) {
       for (int64_t r = 0; r < nr; ++r) {
@@ -296,14 +292,23 @@ struct Kernel {
       }
     }
     if (p.has(Operand::bool_mask)) {
-      const auto* mk = static_cast<const uint8_t*>(p.view(Operand::bool_mask).data);
-      const int64_t cs = p.view(Operand::bool_mask).col_stride;
-      for (int64_t r = 0; r < nr; ++r) {
-        const uint8_t* mrow = mk + rows[r].mask_off + j0 * cs;
-        T* srow = ws.Sb + r * ws.kb;
-        for (int64_t c = 0; c < nk; ++c) srow[c] = mrow[c * cs] ? srow[c] : kNegInf;
-      }
+      mask_rows<uint8_t>(p, Operand::bool_mask, nr, j0, ws,
+                         [&](T* srow, const uint8_t* mrow, int64_t cs) {
+                           for (int64_t c = 0; c < nk; ++c)
+                             srow[c] = mrow[c * cs] ? srow[c] : kNegInf;
+                         });
     }
+  }
+
+  // Calls f(score row, mask row from key j0, the mask's column stride) for each row of the tile;
+  // the mask is operand `which`, of element type M.
+  template <typename M, typename F>
+  static void mask_rows(const Problem& p, Operand which, int64_t nr, int64_t j0, Scratch<T>& ws,
+                        F&& f) {
+    const View& mv = p.view(which);
+    const auto* mask = static_cast<const M*>(mv.data);
+    for (int64_t r = 0; r < nr; ++r)
+      f(ws.Sb + r * ws.kb, mask + ws.rows[r].mask_off + j0 * mv.col_stride, mv.col_stride);
   }
 
   // Second pass for attention_weights: with each row's final max m and sum l known, recompute
