@@ -197,6 +197,14 @@ any mask or ALiBi is added.""",
         """Integer array broadcastable to ``query.shape[:-2]``: keys ``j >= length`` are removed
 (padded batches). Each length lies in [0, S].""",
     )
+    sinks: np.ndarray | None = _option(
+        None,
+        PerHead(np.float64, _finite),
+        """Array broadcastable to ``query.shape[:-2]``, one logit per head (attention sinks, as in
+gpt-oss): adds ``exp(sink)`` to each row's softmax denominator without contributing a value.
+Not scaled, capped or biased. The lse includes it: ``log(exp(sink) + sum_j exp(s_j))``; a row
+with no key gets output 0 and lse = sink.""",
+    )
     return_lse: bool = _option(
         False,
         _flag,

@@ -11,6 +11,7 @@ Semantics, in order (see the docstring of ``sdpa.scaled_dot_product_attention``)
     s = s - slope * |j - diag(i)|           if alibi_slopes is given
     s[removed] = -inf                       bool attn_mask, is_causal, window, kv_lengths
     out = softmax(s) @ v                    a row with no key left gives weights 0, output 0
+                                            (sinks: exp(sink) joins each row's denominator)
 
 with diag(i) = i for alignment "top_left" and i + S - L for "bottom_right".
 """
@@ -82,12 +83,20 @@ def _scores(query, key, attn_mask, o: Options):
     return np.where(keep, s, -np.inf)
 
 
-def _softmax(s):
-    """Softmax over the last axis and its log-sum-exp; a row of all -inf gives 0 and -inf."""
+def _softmax(s, sinks=None):
+    """Softmax over the last axis and its log-sum-exp; a row of all -inf gives 0 and -inf.
+
+    `sinks` (broadcastable to s.shape[:-2]) adds exp(sink) to each row's denominator: a key
+    column of logit `sink` with no value, dropped after the softmax (so the lse includes it)."""
+    sink = None if sinks is None else np.broadcast_to(_f64(sinks), s.shape[:-2])[..., None, None]
     m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
+    if sink is not None:
+        m = np.maximum(m, sink)
     m = np.where(np.isfinite(m), m, 0.0)  # rows with no key: avoid (-inf) - (-inf)
     e = np.exp(s - m)
     total = e.sum(axis=-1, keepdims=True)
+    if sink is not None:
+        total = total + np.exp(sink - m)
     has_key = total != 0  # (a NaN total is not "no key": NaN inputs give NaN out and lse)
     weights = e / np.where(has_key, total, 1.0)
     lse = np.where(has_key, m + np.log(np.where(has_key, total, 1.0)), -np.inf)
@@ -103,7 +112,7 @@ def attention_weights(query, key, attn_mask=None, **options: Any):
     {options}
     """
     o = Options.parse(options, exclude=("out", "return_lse"), where="attention_weights")
-    weights, _ = _softmax(_scores(query, key, attn_mask, o))
+    weights, _ = _softmax(_scores(query, key, attn_mask, o), o.sinks)
     return weights.astype(np.result_type(query, key))
 
 
@@ -119,7 +128,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, **options: A
     """
     o = Options.parse(options, where="scaled_dot_product_attention")
     dtype = np.result_type(query, key, value)
-    weights, lse = _softmax(_scores(query, key, attn_mask, o))
+    weights, lse = _softmax(_scores(query, key, attn_mask, o), o.sinks)
     v = _repeat_heads(np.asarray(query), _f64(value), o.enable_gqa)
     result = (weights @ v).astype(dtype)
     if o.out is not None:

@@ -14,7 +14,7 @@ namespace sdpa {
 
 // Bumped whenever Problem, Plan or KernelTable change layout; the driver refuses a kernel
 // module built against another version.
-constexpr int kAbiVersion = 5;
+constexpr int kAbiVersion = 6;
 
 // Leading (batch) dims after broadcasting. The last batch dim is always the GQA group dim G:
 // query heads that share one key/value head (G = 1 without GQA; K/V have stride 0 along it).
@@ -51,6 +51,7 @@ enum class Operand : int {
   weights,       // (L, S), written: the attention probabilities (a second pass over the keys)
   alibi_slopes,  // per head: float64 slope of the ALiBi bias
   kv_lengths,    // per head: int64 count of keys that exist
+  sinks,         // per head: float64 logit added to the softmax denominator, with no value
   kCount
 };
 constexpr int kOperandCount = static_cast<int>(Operand::kCount);
@@ -77,6 +78,7 @@ constexpr OperandSpec kOperandSpecs[kOperandCount] = {
     {"weights", Axis::L, Axis::S, Elem::storage, false, true},
     {"alibi_slopes", Axis::none, Axis::none, Elem::f64, false, false},
     {"kv_lengths", Axis::none, Axis::none, Elem::i64, false, false},
+    {"sinks", Axis::none, Axis::none, Elem::f64, false, false},
 };
 
 // Where the diagonal of the L x S score matrix sits: query i's diagonal key is i (top_left) or

@@ -63,10 +63,12 @@ Features features_of(const Problem& p) {
 }
 
 // The panel path computes plain scores and removes keys by per-row ranges only (causal, window,
-// kv_lengths): no per-score modifier (masks, ALiBi, softcap) and no weights pass.
+// kv_lengths): no per-score modifier (masks, ALiBi, softcap) and no weights pass. Sinks are folded
+// in when a row is written (write_row), which every path shares.
 constexpr Features kPanelsHonour = bit(Operand::query) | bit(Operand::key) | bit(Operand::value) |
                                    bit(Operand::out) | bit(Operand::lse) |
-                                   bit(Operand::kv_lengths) | kCausal | kWindow | kBottomRight;
+                                   bit(Operand::kv_lengths) | bit(Operand::sinks) | kCausal |
+                                   kWindow | kBottomRight;
 // The few-row and general paths apply every modifier to their score block.
 constexpr Features kBlocksHonour = ~Features{0};
 
@@ -323,12 +325,14 @@ struct Kernel {
       const bool scored = score_block(p, plan, o, nr, j0, nk, ws, Qtile, path);
       for (int64_t r = 0; r < nr; ++r) {
         T* srow = ws.Sb + r * ws.kb;
-        const T l = ws.l[r];
+        T m = ws.m[r], l = ws.l[r];
+        with_sink(ws.rows[r], m, l);  // (the row's weights then sum to less than 1)
         T inv_l = T(0);
-        if (!scored || l == T(0)) {  // (a NaN l falls through: NaN weights, as in the reference)
+        if (!scored ||
+            ws.l[r] == T(0)) {  // (a NaN l falls through: NaN weights, as in the reference)
           std::fill(srow, srow + nk, T(0));
         } else {
-          exp_row(srow, nk, ws.m[r]);  // the same exp as the first pass, so rows sum to l / l
+          exp_row(srow, nk, m);  // the same exp as the first pass, so rows sum to l / l
           inv_l = T(1) / l;
         }
         convert_row<T>(w + ws.rows[r].w_off + j0 * wv.col_stride, wv.col_stride, srow, 1, nk,
@@ -337,16 +341,28 @@ struct Kernel {
     }
   }
 
-  // Writes out = acc / l and lse = m + log(l), the softmax's final rule (softmax.hpp).
+  // Writes out = acc / l and lse = m + log(l), the softmax's final rule (softmax.hpp), after
+  // folding in the row's sink.
   static void write_row(const Problem& p, const RowInfo& ri, const T* acc_row, T m, T l) {
+    const T factor = with_sink(ri, m, l);
     const View& ov = p.view(Operand::out);
     auto* out = static_cast<Store*>(const_cast<void*>(ov.data));
-    convert_row<T>(out + ri.out_off, ov.col_stride, acc_row, 1, p.Ev, softmax::out_factor(l));
+    convert_row<T>(out + ri.out_off, ov.col_stride, acc_row, 1, p.Ev,
+                   factor * softmax::out_factor(l));
     if (p.has(Operand::lse)) {
       auto* lse = static_cast<T*>(const_cast<void*>(p.view(Operand::lse).data));
       // (less the ALiBi shift of the row's scores, see RowInfo::near)
       lse[ri.lse_off] = softmax::lse(m, l) - static_cast<T>(ri.slope) * static_cast<T>(ri.near);
     }
+  }
+
+  // Folds the row's attention sink (if any) into m and l, returning the factor that rescales
+  // its acc. The sink is shifted like the row's scores (RowInfo::near), so the lse's correction
+  // holds for it too.
+  static T with_sink(const RowInfo& ri, T& m, T& l) {
+    if (ri.sink == -std::numeric_limits<double>::infinity()) return T(1);
+    const double shift = ri.slope * static_cast<double>(ri.near);
+    return softmax::fold_sink(static_cast<T>(ri.sink + shift), m, l);
   }
 
   // ---- The panel path (panel.hpp) ---------------------------------------------------------------

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "panel.hpp"
 #include "sdpa/kernel.hpp"
@@ -34,6 +35,7 @@ struct RowInfo {
   int64_t lo, hi;  // keys [lo, hi) survive causal/window/kv_lengths
   int64_t diag;    // the row's diagonal key (alignment)
   double slope;    // ALiBi slope (0 when absent)
+  double sink;     // attention-sink logit (-inf when absent: exp(-inf) adds nothing)
   // Distance from the diagonal to the nearest surviving key. The kernel adds slope * near to the
   // row's ALiBi scores (softmax is shift-invariant; the lse takes it back out), so that the
   // scores that carry the weight stay near 0 in magnitude and keep their float precision even
@@ -80,6 +82,8 @@ inline void describe_rows(const Problem& p, const OuterOffsets& o, int64_t t0, i
     ri.near = ri.diag < ri.lo ? ri.lo - ri.diag : ri.diag >= ri.hi ? ri.diag - (ri.hi - 1) : 0;
     ri.slope =
         p.has(Operand::alibi_slopes) ? per_head<double>(p, o, Operand::alibi_slopes, g) : 0.0;
+    ri.sink = p.has(Operand::sinks) ? per_head<double>(p, o, Operand::sinks, g)
+                                    : -std::numeric_limits<double>::infinity();
   }
 }
 
