@@ -149,12 +149,12 @@ def reference_weights(query, key, attn_mask=None, **kwargs):
 
     if attn_mask is not None and np.asarray(attn_mask).dtype != np.bool_:
         attn_mask = up(attn_mask)
-    return _reference.attention_weights(up(query), up(key), attn_mask, **kwargs)
+    return _reference.attention_weights(up(query), up(key), attn_mask=attn_mask, **kwargs)
 
 
 def check_weights(query, key, attn_mask=None, **kwargs):
     """Run sdpa.attention_weights, judge it by the reference, check the row sums; return it."""
-    weights = sdpa.attention_weights(query, key, attn_mask, **kwargs)
+    weights = sdpa.attention_weights(query, key, attn_mask=attn_mask, **kwargs)
     expected = reference_weights(query, key, attn_mask, **kwargs)
     dtype = np.result_type(query, key)
     assert_matches_reference(weights, expected, dtype)

@@ -115,7 +115,7 @@ def test_fully_masked_rows_give_zero_and_minus_inf_lse(rng):
         assert np.all(out[row] == 0.0)
         assert lse[row] == -np.inf
         assert np.all(np.isfinite(np.delete(out, row, axis=0)))
-        assert np.all(ref.attention_weights(q, k, mask)[row] == 0.0)
+        assert np.all(ref.attention_weights(q, k, attn_mask=mask)[row] == 0.0)
 
 
 def test_causal_alignment_with_fewer_queries_than_keys():

@@ -5,11 +5,14 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "sdpa/kernel.hpp"
 
@@ -60,6 +63,22 @@ inline bool may_overlap(const py::array& a, const py::array& b) {
   };
   const auto sa = span(a), sb = span(b);
   return sa.first < sb.second && sb.first < sa.second;
+}
+
+// Whether each dim of `a` (by increasing stride) steps over all the dims inside it, which proves
+// that no two elements overlap (the usual layouts; the Python layer judges any other).
+inline bool nested_layout(const py::array& a) {
+  if (a.size() <= 1) return true;
+  std::vector<std::pair<py::ssize_t, py::ssize_t>> dims;  // (|stride|, size) of dims of size > 1
+  for (py::ssize_t d = 0; d < a.ndim(); ++d)
+    if (a.shape(d) > 1) dims.emplace_back(std::abs(a.strides(d)), a.shape(d));
+  std::sort(dims.begin(), dims.end());
+  py::ssize_t extent = a.itemsize();
+  for (const auto& [stride, n] : dims) {
+    if (stride < extent) return false;
+    extent += stride * (n - 1);
+  }
+  return true;
 }
 
 // The view of `a`, shaped (batch..., core...) with `core` trailing dims (0, 1 or 2). A dim of size

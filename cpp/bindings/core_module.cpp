@@ -27,6 +27,7 @@ using sdpa_binding::dtype_of;
 using sdpa_binding::is_native;
 using sdpa_binding::make_view;
 using sdpa_binding::may_overlap;
+using sdpa_binding::nested_layout;
 
 constexpr int kAligned = py::detail::npy_api::NPY_ARRAY_ALIGNED_;
 
@@ -251,8 +252,8 @@ class Direct {
         !(out.flags() & kAligned))
       return false;
     for (size_t d = 0; d < shape.size(); ++d)
-      if (out.shape(d) != shape[d] || (out.strides(d) == 0 && out.shape(d) > 1))
-        return false;  // (a self-overlapping out is the Python layer's error to raise)
+      if (out.shape(d) != shape[d]) return false;
+    if (!nested_layout(out)) return false;  // (a self-overlapping out: the Python layer's error)
     for (const py::object* a : {&q_, &k_, &v_})
       if (may_overlap(out, array(*a))) return false;
     return true;

@@ -111,6 +111,9 @@ Plan make_plan(const Problem& p) {
   plan.key_block = plan.row_tile > kRowTile ? kKeyBlock / 2 : kKeyBlock;
   if (g_row_tile.load() > 0) plan.row_tile = g_row_tile.load();
   if (g_key_block.load() > 0) plan.key_block = g_key_block.load();
+  // Never more than the call has: the per-worker scratch is sized by these.
+  plan.row_tile = std::min(plan.row_tile, std::max<int64_t>(plan.rows, 1));
+  plan.key_block = std::min(plan.key_block, std::max<int64_t>(p.S, 1));
   plan.n_row_tiles = ceil_div(plan.rows, plan.row_tile);
   plan_splits(p, plan);
   // With a causal rule or a right-bounded window, a row's key range grows with its index.
@@ -137,6 +140,8 @@ void run(const Problem& in) {
     throw std::invalid_argument("number of batch dims out of range");
   if (in.L < 0 || in.S < 0 || in.E < 0 || in.Ev < 0) throw std::invalid_argument("negative size");
   const Problem p = resolved(in);
+  // Nothing to write: an empty output and no lse or weights (whatever L and S are).
+  if (p.Ev == 0 && !p.has(Operand::lse) && !p.has(Operand::weights)) return;
 
   Plan plan = make_plan(p);
   if (plan.n_items == 0) return;

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <stdexcept>
+#include <string>
 
 #include "sdpa/sdpa.hpp"
 
@@ -38,9 +40,12 @@ bool spin_until(F&& done) {
 ThreadPool::ThreadPool(int n_threads) {
   try {
     for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
-  } catch (...) {  // e.g. the OS refused a thread: stop the ones started, then report
+  } catch (const std::exception& e) {  // e.g. the OS refused a thread: stop the ones started
+    const size_t started = workers_.size() + 1;
     stop_workers();
-    throw;
+    throw std::runtime_error("sdpa could not start " + std::to_string(n_threads) +
+                             " threads (the system refused after " + std::to_string(started) +
+                             ": " + e.what() + "); use sdpa.set_num_threads with fewer");
   }
 }
 

@@ -73,19 +73,28 @@ def _default_threads() -> int:
 
 def _threads_from_env() -> int:
     text = os.environ.get("SDPA_NUM_THREADS", "").strip()
-    if text:
-        try:
-            n = int(text)
-            if n >= 1:
-                return n
-        except ValueError:
-            pass
+    if not text:
+        return _default_threads()
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
         warnings.warn(
             f"SDPA_NUM_THREADS={text!r} is not a positive integer; using the default",
             RuntimeWarning,
             stacklevel=3,
         )
-    return _default_threads()
+        return _default_threads()
+    if n > _MAX_THREADS:
+        warnings.warn(
+            f"SDPA_NUM_THREADS={n} is more than the {_MAX_THREADS} threads sdpa allows (as "
+            f"set_num_threads does); using {_MAX_THREADS}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return _MAX_THREADS
+    return n
 
 
 def set_num_threads(n: int) -> None:

@@ -85,7 +85,7 @@ def _direct_options(options: dict[str, Any]) -> dict[str, Any] | None:
 
 
 @takes_options(exclude=("out", "return_lse"))
-def attention_weights(query: Any, key: Any, attn_mask: Any = None, **options: Any) -> np.ndarray:
+def attention_weights(query: Any, key: Any, *, attn_mask: Any = None, **options: Any) -> np.ndarray:
     """The attention probabilities ``softmax(scores)``, shape (..., L, S).
 
     Takes the arguments of :func:`scaled_dot_product_attention` (without `value`) with the same
@@ -99,6 +99,8 @@ def attention_weights(query: Any, key: Any, attn_mask: Any = None, **options: An
     query : array_like, shape (..., L, E)
     key : array_like, shape (..., S, E)
     attn_mask : array_like, optional, broadcastable to (..., L, S)
+        Keyword-only here (a value array passed by habit in third place would otherwise be taken
+        for a float mask).
     {options}
     """
     opts = Options.parse(options, exclude=("out", "return_lse"), where="attention_weights")
@@ -159,7 +161,16 @@ def _prepare(query: Any, key: Any, value: Any, attn_mask: Any, opts: Options) ->
     return call
 
 
+def _no_masked_array(x: Any, name: str) -> None:
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy.ma.MaskedArray, whose mask sdpa would ignore; pass plain data "
+            f"({name}.filled(...)) and say what to leave out with attn_mask or kv_lengths"
+        )
+
+
 def _as_operand(x: Any, name: str) -> np.ndarray:
+    _no_masked_array(x, name)
     a = np.asarray(x)
     if _name(a.dtype) not in _DTYPES:
         raise TypeError(f"{name} must have dtype {_ACCEPTED}; got {a.dtype}")
@@ -209,6 +220,7 @@ def _mask(call: _Call, attn_mask: Any) -> None:
     inf (which would remove keys that the float64 reference keeps); -inf stays -inf."""
     if attn_mask is None:
         return
+    _no_masked_array(attn_mask, "attn_mask")
     mask = np.asarray(attn_mask)
     if mask.dtype == np.bool_:
         call.mask_name = "bool_mask"
@@ -301,8 +313,30 @@ def _check_out(call: _Call, out: np.ndarray) -> None:
         )
     if not out.flags.writeable:
         raise ValueError("out must be writeable")
-    if any(st == 0 and n > 1 for st, n in zip(out.strides, out.shape)):
-        raise ValueError(f"out must not overlap itself (a zero stride); got strides {out.strides}")
+    if _overlaps_itself(out):
+        raise ValueError(
+            f"out must not overlap itself; got shape {out.shape} with strides {out.strides}"
+        )
+
+
+def _overlaps_itself(a: np.ndarray) -> bool:
+    """Whether two elements of `a` share memory (an empty array never does)."""
+    if a.size <= 1:
+        return False
+    # Nested dims (each stride spans the dims inside it) cannot overlap: the usual case, cheap.
+    extent = a.itemsize
+    for stride, n in sorted((abs(st), n) for st, n in zip(a.strides, a.shape) if n > 1):
+        if stride < extent:
+            break
+        extent += stride * (n - 1)
+    else:
+        return False
+    # Otherwise look at every element's byte offset.
+    offsets = np.zeros((), np.int64)
+    for stride, n in zip(a.strides, a.shape):
+        offsets = np.add.outer(offsets, np.arange(n, dtype=np.int64) * stride)
+    offsets = np.sort(offsets, axis=None)
+    return bool(np.any(np.diff(offsets) < a.itemsize))
 
 
 def _per_head(call: _Call) -> dict[str, np.ndarray]:

@@ -42,7 +42,8 @@ def _repeat_heads(q, kv, enable_gqa):
 
 
 def _scores(query, key, attn_mask, o: Options):
-    """Return the float64 scores (..., L, S), with -inf where a key is removed."""
+    """Return the float64 scores (..., L, S), with -inf where a key is removed, and where the
+    keys remain (``keep``, broadcast to the scores' shape)."""
     q, k = _f64(query), _f64(key)
     k = _repeat_heads(q, k, o.enable_gqa)
     L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -64,6 +65,7 @@ def _scores(query, key, attn_mask, o: Options):
             raise TypeError(f"attn_mask must be bool or floating, got {mask.dtype}")
         else:
             s = s + mask.astype(np.float64)
+            keep = keep & (mask != -np.inf)  # -inf removes the key, even if its score is NaN
     if o.alibi_slopes is not None:
         slopes = np.broadcast_to(_f64(o.alibi_slopes), q.shape[:-2])
         s = s - slopes[..., None, None] * np.abs(rel)
@@ -80,7 +82,23 @@ def _scores(query, key, attn_mask, o: Options):
         if np.any(lengths < 0) or np.any(lengths > S):
             raise ValueError(f"kv_lengths must lie in [0, {S}]")
         keep = keep & (np.arange(S) < lengths[..., None, None])
-    return np.where(keep, s, -np.inf)
+    shape = np.broadcast_shapes(s.shape, keep.shape)
+    keep = np.broadcast_to(keep, shape)
+    return np.where(keep, s, -np.inf), keep
+
+
+def _apply(weights, keep, v):
+    """weights @ v, where a NaN or Inf in a value row reaches exactly the rows that attend its
+    key (in a plain product, a weight of 0 would spread it to every row as 0 * NaN)."""
+    bad = ~np.isfinite(v)
+    out = weights @ np.where(bad, 0.0, v)
+    if not bad.any():
+        return out
+    js = np.nonzero(bad.any(axis=-1).reshape(-1, v.shape[-2]).any(axis=0))[0]  # those keys
+    attended = keep[..., js][..., None]  # (..., L, nb, 1)
+    w = weights[..., js][..., None]
+    vb = np.where(bad, v, 0.0)[..., js, :][..., None, :, :]  # (..., 1, nb, Ev)
+    return out + np.where(attended, w * vb, 0.0).sum(axis=-2)
 
 
 def _softmax(s, sinks=None):
@@ -104,7 +122,7 @@ def _softmax(s, sinks=None):
 
 
 @takes_options(exclude=("out", "return_lse"))
-def attention_weights(query, key, attn_mask=None, **options: Any):
+def attention_weights(query, key, *, attn_mask=None, **options: Any):
     """Attention probabilities (..., L, S) in ``np.result_type(query, key)``.
 
     Parameters
@@ -112,7 +130,8 @@ def attention_weights(query, key, attn_mask=None, **options: Any):
     {options}
     """
     o = Options.parse(options, exclude=("out", "return_lse"), where="attention_weights")
-    weights, _ = _softmax(_scores(query, key, attn_mask, o), o.sinks)
+    with np.errstate(invalid="ignore", over="ignore"):  # (NaN and Inf inputs are allowed)
+        weights, _ = _softmax(_scores(query, key, attn_mask, o)[0], o.sinks)
     return weights.astype(np.result_type(query, key))
 
 
@@ -128,9 +147,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, **options: A
     """
     o = Options.parse(options, where="scaled_dot_product_attention")
     dtype = np.result_type(query, key, value)
-    weights, lse = _softmax(_scores(query, key, attn_mask, o), o.sinks)
-    v = _repeat_heads(np.asarray(query), _f64(value), o.enable_gqa)
-    result = (weights @ v).astype(dtype)
+    with np.errstate(invalid="ignore", over="ignore"):  # (NaN and Inf inputs are allowed)
+        s, keep = _scores(query, key, attn_mask, o)
+        weights, lse = _softmax(s, o.sinks)
+        v = _repeat_heads(np.asarray(query), _f64(value), o.enable_gqa)
+        result = _apply(weights, keep, v).astype(dtype)
     if o.out is not None:
         o.out[...] = result
         result = o.out

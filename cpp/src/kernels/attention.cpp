@@ -39,7 +39,7 @@
 namespace sdpa {
 namespace {
 
-// ---- Path selection, by capability -------------------------------------------------------------
+// ---- Path selection, by capability ----
 // What a call asks of the kernel: one bit for each operand present (in Operand order), and one for
 // each scalar option in use. A path is taken only if it honours every bit, so an operand added to
 // kernel.hpp is served by the general path until another path declares it.
@@ -137,7 +137,7 @@ struct Kernel {
     }
   }
 
-  // ---- The few-row and general paths: block products over a row-major tile --------------------
+  // ---- The few-row and general paths: block products over a row-major tile ----
 
   // Rows [0, nr) of the tile over keys [jlo, jhi), block by block. Leaves the running max and
   // sum in ws.m, ws.l and the accumulator (nr x Ev, row-major) in ws.acc; writes the weights.
@@ -163,7 +163,8 @@ struct Kernel {
   static void process_block(const Problem& p, const Plan& plan, const OuterOffsets& o, int64_t nr,
                             int64_t j0, int64_t nk, Scratch<T>& ws, const ConstMatMap<T>& Qtile,
                             MatMap<T>& acc, Path path) {
-    if (!score_block(p, plan, o, nr, j0, nk, ws, Qtile, path)) return;
+    const Scored scored = score_block(p, plan, o, nr, j0, nk, ws, Qtile, path);
+    if (!scored.any) return;
     MatMap<T> Sb(ws.Sb, nr, nk, Eigen::OuterStride<>(ws.kb));
 
     // Online softmax step, row by row (rows of Sb are contiguous).
@@ -180,6 +181,9 @@ struct Kernel {
     // acc (nr x Ev) += P_blk (nr x nk) * V_blk (nk x Ev)
     const ConstMatMap<T> Vb =
         key_side_block<T, Store>(p.view(Operand::value), o[Operand::value], j0, nk, p.Ev, ws.Vc);
+    // A NaN or Inf in V reaches exactly the rows that attend its key: where some row does not
+    // attend some key of the block, the product would spread it to that row as 0 * NaN.
+    if (!scored.full && !Vb.allFinite()) return confined_pv(p, nr, j0, nk, ws, Vb, acc);
     if constexpr (std::is_same_v<T, float>) {
       if (path == Path::few_rows)
         return few_rows::accumulate(ws.Sb, ws.kb, nr, Vb.data(), Vb.outerStride(), nk, p.Ev, ws.acc,
@@ -191,6 +195,29 @@ struct Kernel {
     } else {
       acc.noalias() += Sb * Vb;
     }
+  }
+
+  // acc (nr x Ev) += P_blk (nr x nk) * V_blk (nk x Ev) over the keys each row attends only.
+  static void confined_pv(const Problem& p, int64_t nr, int64_t j0, int64_t nk,
+                          const Scratch<T>& ws, const ConstMatMap<T>& Vb, MatMap<T>& acc) {
+    for (int64_t r = 0; r < nr; ++r)
+      for (int64_t c = 0; c < nk; ++c)
+        if (attends(p, ws.rows[r], j0 + c)) acc.row(r) += ws.Sb[r * ws.kb + c] * Vb.row(c);
+  }
+
+  // Whether the row attends key j: inside its key range and not removed by a mask (a bool mask's
+  // false, a float mask's -inf).
+  static bool attends(const Problem& p, const RowInfo& ri, int64_t j) {
+    if (j < ri.lo || j >= ri.hi) return false;
+    if (p.has(Operand::bool_mask)) {
+      const View& mv = p.view(Operand::bool_mask);
+      return static_cast<const uint8_t*>(mv.data)[ri.mask_off + j * mv.col_stride] != 0;
+    }
+    if (p.has(Operand::float_mask)) {
+      const View& mv = p.view(Operand::float_mask);
+      return static_cast<const T*>(mv.data)[ri.mask_off + j * mv.col_stride] != kNegInf;
+    }
+    return true;
   }
 
   // P = exp(s - m) over one score row in place (m >= every s, or 0 for a row of -inf scores),
@@ -227,13 +254,19 @@ struct Kernel {
     return a.sum();
   }
 
+  // What score_block did: whether any row may attend a key of the block (else Sb is untouched),
+  // and whether every row attends every key of it.
+  struct Scored {
+    bool any, full;
+  };
+
   // Scores of keys [j0, j0 + nk) for the tile's rows into ws.Sb, every score modifier applied
-  // and removed keys at -inf. Returns false (Sb untouched) when no row may attend any of them.
-  static bool score_block(const Problem& p, const Plan& plan, const OuterOffsets& o, int64_t nr,
-                          int64_t j0, int64_t nk, Scratch<T>& ws, const ConstMatMap<T>& Qtile,
-                          Path path) {
+  // and removed keys at -inf.
+  static Scored score_block(const Problem& p, const Plan& plan, const OuterOffsets& o, int64_t nr,
+                            int64_t j0, int64_t nk, Scratch<T>& ws, const ConstMatMap<T>& Qtile,
+                            Path path) {
     const KeySpan span = attended_keys(ws.rows, nr, j0, j0 + nk);
-    if (span.lo >= span.hi) return false;
+    if (span.lo >= span.hi) return {false, false};
 
     // S_blk (nr x nk) = Q_tile (nr x E) * K_blk^T (E x nk)
     const ConstMatMap<T> Kb =
@@ -252,8 +285,9 @@ struct Kernel {
     } else if (!done) {
       Sb.noalias() = Qtile * Kb.transpose();
     }
-    apply_modifiers(p, nr, j0, nk, ws, all_attend(ws.rows, nr, j0, j0 + nk));
-    return true;
+    const bool in_range = all_attend(ws.rows, nr, j0, j0 + nk);
+    apply_modifiers(p, nr, j0, nk, ws, in_range);
+    return {true, in_range && !p.has(Operand::bool_mask) && !p.has(Operand::float_mask)};
   }
 
   // The score modifiers, in the documented order: softcap, + float mask, + ALiBi; then every
@@ -268,10 +302,10 @@ struct Kernel {
     }
     if (p.has(Operand::float_mask)) {
       mask_rows<T>(p, Operand::float_mask, nr, j0, ws, [&](T* srow, const T* mrow, int64_t cs) {
-        if (cs == 1) {
-          Eigen::Map<RowVec<T>>(srow, nk) += Eigen::Map<const RowVec<T>>(mrow, nk);
-        } else {
-          for (int64_t c = 0; c < nk; ++c) srow[c] += mrow[c * cs];
+        // (-inf removes the key, even where its score is NaN: mask + NaN would be NaN)
+        for (int64_t c = 0; c < nk; ++c) {
+          const T mc = mrow[c * cs];
+          srow[c] = mc == kNegInf ? kNegInf : srow[c] + mc;
         }
       });
     }
@@ -322,7 +356,7 @@ struct Kernel {
     const Path path = choose_path<T>(p, plan, nr);
     for (int64_t j0 = 0; j0 < p.S; j0 += ws.kb) {
       const int64_t nk = std::min(ws.kb, p.S - j0);
-      const bool scored = score_block(p, plan, o, nr, j0, nk, ws, Qtile, path);
+      const bool scored = score_block(p, plan, o, nr, j0, nk, ws, Qtile, path).any;
       for (int64_t r = 0; r < nr; ++r) {
         T* srow = ws.Sb + r * ws.kb;
         T m = ws.m[r], l = ws.l[r];
@@ -333,7 +367,8 @@ struct Kernel {
           std::fill(srow, srow + nk, T(0));
         } else {
           exp_row(srow, nk, m);  // the same exp as the first pass, so rows sum to l / l
-          inv_l = T(1) / l;
+          // (a +inf max: exp gives NaN at its +inf keys and 0 elsewhere, as the reference does)
+          inv_l = m == -kNegInf ? T(1) : T(1) / l;
         }
         convert_row<T>(w + ws.rows[r].w_off + j0 * wv.col_stride, wv.col_stride, srow, 1, nk,
                        inv_l);
@@ -365,7 +400,7 @@ struct Kernel {
     return softmax::fold_sink(static_cast<T>(ri.sink + shift), m, l);
   }
 
-  // ---- The panel path (panel.hpp) ---------------------------------------------------------------
+  // ---- The panel path (panel.hpp) ----
 
   // Rows [0, nr) of the tile over keys [jlo, jhi), in the panels of PanelSplit. Leaves the
   // running max and sum in ws.m, ws.l and acc^T in ws.acc (panel layout).
@@ -511,6 +546,9 @@ struct Kernel {
     }
     Packet alpha[MP];
     panel::softmax_step<MP>(b.pt, b.nc, vmax, b.m, b.l, alpha);
+    // As in process_block: NaN or Inf in V must not reach a lane that does not attend its key.
+    if (b.rows && !ConstMatMap<T>(b.v, b.nc, b.Ev, Eigen::OuterStride<>(b.ldv)).allFinite())
+      return confined_panel_pv<MP>(b, alpha);
 
     // acc^T (Ev x ld) = alpha * acc^T + V_blk^T (Ev x nc) P^T (nc x ld), keys in chunks of
     // pv_keys so that the chunk of P^T (pv_keys x ld) stays in L1 across the columns.
@@ -526,12 +564,40 @@ struct Kernel {
     }
   }
 
-  // ---- Entry points
-  // ------------------------------------------------------------------------------
+  // acc^T (Ev x ld) = alpha * acc^T + P^T V over the keys each lane attends only.
+  template <int MP>
+  static void confined_panel_pv(const PanelBlock& b, const simd::Packet* alpha) {
+    namespace ei = Eigen::internal;
+    constexpr int64_t ld = MP * simd::kW;
+    for (int64_t d = 0; d < b.Ev; ++d)
+      for (int i = 0; i < MP; ++i) {
+        T* a = b.acc + d * ld + i * simd::kW;
+        ei::pstore(a, ei::pmul(ei::pload<simd::Packet>(a), alpha[i]));
+      }
+    for (int64_t i = 0; i < b.n_rows; ++i) {
+      const int64_t lo = std::clamp<int64_t>(b.rows[i].lo - b.j_first, 0, b.nc);
+      const int64_t hi = std::clamp<int64_t>(b.rows[i].hi - b.j_first, lo, b.nc);
+      for (int64_t c = lo; c < hi; ++c)
+        for (int64_t d = 0; d < b.Ev; ++d)
+          b.acc[d * ld + i] += b.pt[c * ld + i] * b.v[c * b.ldv + d];
+    }
+  }
+
+  // ---- Entry points ----
+
+  // What the scratch must hold for this call (Scratch::Needs).
+  static typename Scratch<T>::Needs needs(const Problem& p, const Plan& plan) {
+    return {!mappable<T, Store>(p.view(Operand::key)), !mappable<T, Store>(p.view(Operand::value)),
+            choose_path<T>(p, plan, plan.row_tile) == Path::panels};
+  }
+
+  static size_t scratch_bytes(const Problem& p, const Plan& plan) {
+    return Scratch<T>(p, plan, needs(p, plan), nullptr).bytes;
+  }
 
   static void run_items(const Problem& p, const Plan& plan, int64_t begin, int64_t end,
                         void* scratch) {
-    Scratch<T> ws(p, plan, scratch);
+    Scratch<T> ws(p, plan, needs(p, plan), scratch);
     for (int64_t item = begin; item < end; ++item) run_item(p, plan, item, ws);
   }
 
@@ -539,7 +605,7 @@ struct Kernel {
   // step of the online softmax, always in split order 0, 1, ...
   static void merge_tiles(const Problem& p, const Plan& plan, int64_t begin, int64_t end,
                           void* scratch) {
-    Scratch<T> ws(p, plan, scratch);
+    Scratch<T> ws(p, plan, needs(p, plan), scratch);
     for (int64_t ot = begin; ot < end; ++ot) {
       const OuterOffsets o = outer_offsets(p, ot / plan.n_row_tiles);
       const int64_t t0 = (ot % plan.n_row_tiles) * plan.row_tile;
@@ -581,7 +647,7 @@ auto by_dtype(DType d, Args&&... args) {
 template <DType D>
 struct ScratchBytes {
   static size_t call(const Problem& p, const Plan& plan) {
-    return Scratch<typename Types<D>::Acc>(p, plan, nullptr).bytes;
+    return Kernel<D>::scratch_bytes(p, plan);
   }
 };
 template <DType D>

@@ -119,14 +119,21 @@ inline void convert_row(Dst* dst, int64_t ds, const Src* src, int64_t ss, int64_
       (Eigen::Map<const RowVec<Src>>(src + c, n - c).template cast<T>() * mul).template cast<Dst>();
 }
 
+// Whether blocks of a key-side operand can be read in place as matrices of T (the storage is T,
+// columns are contiguous and rows ascend), or need converting into a buffer.
+template <typename T, typename Store>
+bool mappable(const View& view) {
+  return std::is_same_v<T, Store> && view.col_stride == 1 && view.row_stride > 0;
+}
+
 // A block of rows [j0, j0 + nk) of a (S x D) key-side operand as a matrix in type T: a direct
-// map when the storage already is T with unit column stride, else converted into `buffer`.
+// map when it is mappable, else converted into `buffer`.
 template <typename T, typename Store>
 ConstMatMap<T> key_side_block(const View& view, int64_t base, int64_t j0, int64_t nk, int64_t D,
                               T* buffer) {
   const auto* src = static_cast<const Store*>(view.data) + base + j0 * view.row_stride;
   if constexpr (std::is_same_v<T, Store>) {
-    if (view.col_stride == 1 && view.row_stride > 0)
+    if (mappable<T, Store>(view))
       return ConstMatMap<T>(src, nk, D, Eigen::OuterStride<>(view.row_stride));
   }
   for (int64_t j = 0; j < nk; ++j)

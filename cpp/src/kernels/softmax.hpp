@@ -14,7 +14,8 @@
 //   m     = m_new, or NaN where l is NaN
 // NaN: a NaN score makes its p_j and so the row's l NaN; m follows l, because a max may skip a
 // NaN and the split-K merge reads m first. At the end, out = acc / l and lse = m + log l, except
-// where l == 0 (a row with no key): out 0 and lse -inf. A NaN l gives NaN in both.
+// where l == 0 (a row with no key): out 0 and lse -inf. A NaN l gives NaN in both, but for a row
+// whose max is +inf (a +inf score): its out is NaN and its lse +inf, as in sdpa.reference.
 // Included by the kernel sources only (compiled once per ISA).
 #pragma once
 
@@ -61,8 +62,12 @@ inline Step<V> begin(const V& m, const V& block_max) {
 // Closes the step: block_sum is the sum of the block's p_j (of the partial sums it folds in).
 template <typename V>
 inline void end(const Step<V>& st, const V& block_sum, V& m, V& l) {
+  using Scalar = typename ei::unpacket_traits<V>::type;
   l = ei::pmadd(l, st.alpha, block_sum);
-  m = ei::padd(st.m_new, ei::psub(l, l));  // l - l: 0 for a finite l, NaN for a NaN l
+  // l - l: 0 for a finite l, NaN for a NaN l. A +inf max (a +inf score) stays: its l is NaN, but
+  // its lse is +inf.
+  const V inf_max = ei::pcmp_eq(st.m_new, ei::pset1<V>(std::numeric_limits<Scalar>::infinity()));
+  m = ei::pselect(inf_max, st.m_new, ei::padd(st.m_new, ei::psub(l, l)));
 }
 
 // The weight of a partial result with running max m_part within the step (split-K merge).
@@ -86,10 +91,11 @@ inline T out_factor(T l) {
   return l == T(0) ? T(0) : T(1) / l;
 }
 
-// The row's log-sum-exp, m + log l, or -inf for a row with no key.
+// The row's log-sum-exp, m + log l: -inf for a row with no key, +inf for a row with a +inf score.
 template <typename T>
 inline T lse(T m, T l) {
-  return l == T(0) ? -std::numeric_limits<T>::infinity() : m + std::log(l);
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  return l == T(0) ? -inf : m == inf ? inf : m + std::log(l);
 }
 
 }  // namespace softmax

@@ -130,8 +130,8 @@ class Arena {
   size_t used_ = 0;
 };
 
-// Per-worker scratch (Bq = plan.row_tile query rows rounded up to panel::kRowQuantum,
-// Bk = plan.key_block keys):
+// Per-worker scratch (Bq = plan.row_tile query rows, rounded up to panel::kRowQuantum when the
+// panels may run; Bk = plan.key_block keys; both at most what the call has):
 //   Qs    [Bq x E]    query tile, converted and multiplied by scale
 //   Sb    [Bq x Bk]   scores, then probabilities (leading dimension kb = Bk)
 //   acc   [Bq x Ev]   unnormalised output
@@ -141,29 +141,37 @@ class Arena {
 //   Vc    [Bk x Ev]   value block converted to T (only when V is not mappable)
 //   m, l  [Bq] each   running max and running sum
 //   rows  [Bq]        RowInfo
-//   Tr    [W x max(E, Ev)]  the panel path's rows on their way into or out of a panel (W lanes)
+//   Tr    [W x max(E, Ev)]  the panel path's rows on their way into or out of a panel (W lanes;
+//                     only when the panels may run)
 template <typename T>
 struct Scratch {
+  // What the call needs beyond the tile's own buffers.
+  struct Needs {
+    bool key_buffer, value_buffer, panels;
+  };
+
   T *Qs, *Sb, *acc, *Kc, *Vc, *m, *l, *Tr;
   RowInfo* rows;
   int64_t kb;    // keys per block, the leading dimension of Sb
   size_t bytes;  // the size of the whole, alignment included
 
-  Scratch(const Problem& p, const Plan& plan, void* buffer) : kb(plan.key_block) {
-    const size_t bq = static_cast<size_t>((plan.row_tile + panel::kRowQuantum - 1) /
-                                          panel::kRowQuantum * panel::kRowQuantum);
+  Scratch(const Problem& p, const Plan& plan, const Needs& needs, void* buffer)
+      : kb(plan.key_block) {
+    const size_t bq = static_cast<size_t>(needs.panels ? (plan.row_tile + panel::kRowQuantum - 1) /
+                                                             panel::kRowQuantum * panel::kRowQuantum
+                                                       : plan.row_tile);
     const size_t bk = static_cast<size_t>(plan.key_block);
     const size_t E = static_cast<size_t>(p.E), Ev = static_cast<size_t>(p.Ev);
     Arena arena(buffer);
     Qs = arena.take<T>(bq * E);
     Sb = arena.take<T>(bq * bk);
     acc = arena.take<T>(bq * Ev);
-    Kc = arena.take<T>(bk * E);
-    Vc = arena.take<T>(bk * Ev);
+    Kc = arena.take<T>(needs.key_buffer ? bk * E : 0);
+    Vc = arena.take<T>(needs.value_buffer ? bk * Ev : 0);
     m = arena.take<T>(bq);
     l = arena.take<T>(bq);
     rows = arena.take<RowInfo>(bq);
-    Tr = arena.take<T>(simd::kW * std::max(E, Ev));
+    Tr = arena.take<T>(needs.panels ? simd::kW * std::max(E, Ev) : 0);
     bytes = arena.bytes();
   }
 };

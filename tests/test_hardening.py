@@ -1,0 +1,105 @@
+"""Findings of a hostile review (issue 9): each test here failed on the code before its fix."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import sdpa
+
+attention = sdpa.scaled_dot_product_attention
+
+
+# ---- out ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [((2, 5, 8), (2, 7, 8), (2, 7, 0)), ((2, 0, 8), (2, 7, 8), (2, 7, 4)), ((0, 5, 8),) * 3],
+    ids=["Ev=0", "L=0", "B=0"],
+)
+def test_an_empty_out_of_the_right_shape_is_accepted(shapes):
+    q, k, v = (np.ones(s, np.float32) for s in shapes)
+    out = np.empty(q.shape[:-1] + (v.shape[-1],), np.float32)  # NumPy 2 may give it 0 strides
+    assert attention(q, k, v, out=out) is out
+    assert attention(q, k, v, out=out, return_lse=True)[0] is out
+
+
+def test_an_out_whose_rows_overlap_is_refused(rng):
+    q = rng.standard_normal((5, 8)).astype(np.float32)
+    v = rng.standard_normal((5, 4)).astype(np.float32)
+    base = np.zeros(64, np.float32)
+    out = np.lib.stride_tricks.as_strided(base, (5, 4), (8, 4))  # row i+1 starts inside row i
+    with pytest.raises(ValueError, match="out must not overlap itself"):
+        attention(q, q, v, out=out)
+    assert np.all(base == 0)
+
+
+def test_an_out_laid_out_unusually_but_without_overlap_is_accepted(rng):
+    q = rng.standard_normal((3, 8))
+    v = rng.standard_normal((3, 2))
+    base = np.zeros(8)
+    # elements at byte offsets 0, 24, 16, 40, 32, 56: no nesting of the dims, and no overlap
+    out = np.lib.stride_tricks.as_strided(base, (3, 2), (16, 24))
+    result = attention(q, q, v, out=out)
+    assert result is out
+    np.testing.assert_allclose(out, sdpa.reference.scaled_dot_product_attention(q, q, v))
+
+
+# ---- argument types -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["is_causal", "return_lse", "enable_gqa"])
+def test_flags_must_be_bools(name):
+    q = np.ones((2, 3, 4), np.float32)
+    for bad in ("no", 1, None, [True]):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            attention(q, q, q, **{name: bad})
+    attention(q, q, q, **{name: np.bool_(True)})  # NumPy's bool is a bool
+
+
+@pytest.mark.parametrize("position", ["query", "key", "value", "attn_mask"])
+def test_masked_arrays_are_refused_by_name(position):
+    arrays = {n: np.ones((3, 4), np.float32) for n in ("query", "key", "value")}
+    arrays["attn_mask"] = np.ones((3, 3), bool)
+    arrays[position] = np.ma.masked_array(arrays[position], mask=np.eye(*arrays[position].shape))
+    with pytest.raises(TypeError, match=f"{position} is a numpy.ma.MaskedArray"):
+        attention(**arrays)
+
+
+def test_attention_weights_takes_the_mask_by_keyword_only(rng):
+    q = rng.standard_normal((4, 4))
+    with pytest.raises(TypeError, match="positional"):
+        sdpa.attention_weights(q, q, q)  # a value passed by habit is not taken for a float mask
+    with pytest.raises(TypeError, match="positional"):
+        sdpa.reference.attention_weights(q, q, q)
+    mask = rng.random((4, 4)) < 0.5
+    np.testing.assert_allclose(
+        sdpa.attention_weights(q, q, attn_mask=mask),
+        sdpa.reference.attention_weights(q, q, attn_mask=mask),
+    )
+
+
+def test_a_huge_unsigned_window_side_is_unbounded(rng):
+    q = rng.standard_normal((1, 9, 8))
+    k = rng.standard_normal((1, 6, 8))
+    for fn in (attention, sdpa.reference.scaled_dot_product_attention):
+        got = fn(q, k, k, window=(np.uint64(2**63), 0))
+        want = fn(q, k, k, window=(None, 0))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+# ---- threads ------------------------------------------------------------------------------------
+
+
+def test_too_many_threads_in_the_environment_are_capped_with_a_warning():
+    code = "import warnings, sdpa; print(sdpa.get_num_threads())"
+    env = {**os.environ, "SDPA_NUM_THREADS": "99999", "PYTHONWARNINGS": "always"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["4096"]
+    assert "SDPA_NUM_THREADS=99999 is more than the 4096 threads sdpa allows" in result.stderr
