@@ -103,3 +103,61 @@ def test_too_many_threads_in_the_environment_are_capped_with_a_warning():
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["4096"]
     assert "SDPA_NUM_THREADS=99999 is more than the 4096 threads sdpa allows" in result.stderr
+
+
+# ---- work and memory bounded by the problem -----------------------------------------------------
+
+
+def test_scratch_is_bounded_by_the_problem_not_the_block_sizes():
+    # One key and E = 2^24: a key block of 512 keys x E floats would be 32 GB of scratch.
+    q = np.ones((1, 1, 1 << 24), np.float32)
+    out = attention(q, q, q[..., :1])
+    np.testing.assert_array_equal(out, np.ones((1, 1, 1), np.float32))
+
+
+def test_an_empty_value_dim_does_no_work():
+    # L = S = 2^20 with Ev = 0: the output is empty, so the 2^40 scores are never computed (that
+    # would take far beyond the subprocess's limit; done right, it is immediate).
+    code = (
+        "import numpy as np, sdpa\n"
+        "q = np.broadcast_to(np.ones(64, np.float32), (1 << 20, 64))\n"
+        "v = np.empty((1 << 20, 0), np.float32)\n"
+        "print(sdpa.scaled_dot_product_attention(q, q, v).shape)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1048576, 0)"
+
+
+# ---- values beyond float32's range --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"scale": 1e39},
+        {"scale": -1e39},
+        {"softcap": 1e39},
+        {"softcap": 1e-40},
+        {"alibi_slopes": np.array([1e39, 0.5])},
+    ],  # fmt: skip
+    ids=["scale", "negative-scale", "softcap", "tiny-softcap", "alibi"],
+)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["float16", "float32"])
+def test_huge_scalars_give_the_float64_answer(rng, kwargs, dtype):
+    q = rng.standard_normal((2, 6, 8)).astype(dtype)
+    k = rng.standard_normal((2, 9, 8)).astype(dtype)
+    v = rng.standard_normal((2, 9, 4)).astype(dtype)
+    kwargs = {**kwargs, "is_causal": True}
+    out, lse = attention(q, k, v, return_lse=True, **kwargs)
+    up = [a.astype(np.float64) for a in (q, k, v)]
+    ref, ref_lse = sdpa.reference.scaled_dot_product_attention(*up, return_lse=True, **kwargs)
+    assert out.dtype == dtype and lse.dtype == np.float32
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, ref, rtol=1e-2 if dtype == np.float16 else 1e-6, atol=1e-3)
+    with np.errstate(over="ignore"):  # (scale 1e39 makes lse ~1e39: +-inf in float32)
+        np.testing.assert_allclose(lse, ref_lse.astype(np.float32), rtol=1e-6, atol=1e-6)
+    w = sdpa.attention_weights(q, k, **kwargs)
+    assert w.dtype == dtype and np.all(np.isfinite(w))

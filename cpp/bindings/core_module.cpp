@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -160,11 +161,26 @@ sdpa::Problem problem_from(const py::dict& operands, py::handle record) {
   return p;
 }
 
+// Runs the driver without the GIL. The calling thread takes the GIL back briefly about every
+// 20 ms to let Python run its signal handlers: one that raises (Ctrl-C's KeyboardInterrupt) stops
+// the call, and its exception is raised here.
+void run_interruptibly(const sdpa::Problem& p) {
+  sdpa::Interrupt interrupt;
+  interrupt.pending = [](void*) {
+    py::gil_scoped_acquire gil;
+    return PyErr_CheckSignals() != 0;
+  };
+  bool completed;
+  {
+    py::gil_scoped_release release;
+    completed = sdpa::run(p, &interrupt);
+  }
+  if (!completed) throw py::error_already_set();
+}
+
 // attention(operands, record): the general route, for calls the Python layer has prepared.
 void attention(const py::dict& operands, py::handle record) {
-  const sdpa::Problem p = problem_from(operands, record);
-  py::gil_scoped_release release;
-  sdpa::run(p);
+  run_interruptibly(problem_from(operands, record));
 }
 
 // The inner path (a name from kPathNames) that the first row tile of a call would take.
@@ -225,6 +241,9 @@ class Direct {
     for (int d = 0; d < nb_; ++d)
       if (k.shape(d) != q.shape(d) || v.shape(d) != q.shape(d)) return false;
     if (k.shape(nb_ + 1) != q.shape(nb_ + 1) || v.shape(nb_) != k.shape(nb_)) return false;
+    // (a scale beyond float's range needs float64 computation: the Python layer's to arrange)
+    if (*dtype != sdpa::DType::f64 && std::abs(scale_) > std::numeric_limits<float>::max())
+      return false;
     p_.dtype = *dtype;
     p_.nbatch = nb_ + 1;  // plus the group dim G = 1
     for (int d = 0; d < nb_; ++d) p_.batch_shape[d] = q.shape(d);
@@ -267,10 +286,7 @@ class Direct {
     p_.view(Operand::out) = make_view(array(out_), "out", nb_, 2);
     if (!std::isnan(scale_)) p_.opt.scale = scale_;
     p_.opt.causal = causal_;
-    {
-      py::gil_scoped_release release;
-      sdpa::run(p_);
-    }
+    run_interruptibly(p_);
     return std::move(out_);
   }
 

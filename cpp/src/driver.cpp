@@ -2,9 +2,11 @@
 // here), owns the scratch and runs the active kernel on the pool.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <memory>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "sdpa/sdpa.hpp"
@@ -46,6 +48,10 @@ constexpr int64_t kPanelPvKeys = 64;
 // (section 8).
 constexpr double kInlineWork = 1 << 16;
 
+// How often the calling thread asks an Interrupt whether to stop: often enough that Ctrl-C stops
+// a long call within about 0.1 s, rarely enough that asking (taking the GIL) costs nothing.
+constexpr auto kInterruptPoll = std::chrono::milliseconds(20);
+
 // Test and benchmark overrides of the row tile and key block (0: the planner's); see set_tiles.
 std::atomic<int64_t> g_row_tile{0}, g_key_block{0};
 
@@ -76,6 +82,34 @@ void plan_splits(const Problem& p, Plan& plan) {
   }
   plan.n_items = tiles * plan.n_splits;
 }
+
+// Answers Plan::stop for one call: every thread sees the flag; the calling thread also asks the
+// caller's Interrupt, at most once per kInterruptPoll.
+class Stopper {
+ public:
+  explicit Stopper(const Interrupt* interrupt)
+      : interrupt_(interrupt), caller_(std::this_thread::get_id()) {}
+
+  static bool poll(void* ctx) { return static_cast<Stopper*>(ctx)->poll(); }
+
+  bool poll() {
+    if (stopped_.load(std::memory_order_relaxed)) return true;
+    if (std::this_thread::get_id() != caller_) return false;
+    const auto now = std::chrono::steady_clock::now();
+    if (now < next_) return false;
+    next_ = now + kInterruptPoll;
+    if (interrupt_->pending(interrupt_->ctx)) stopped_.store(true, std::memory_order_relaxed);
+    return stopped_.load(std::memory_order_relaxed);
+  }
+
+  bool stopped() const { return stopped_.load(); }
+
+ private:
+  const Interrupt* interrupt_;
+  std::thread::id caller_;
+  std::chrono::steady_clock::time_point next_ = std::chrono::steady_clock::now() + kInterruptPoll;
+  std::atomic<bool> stopped_{false};
+};
 
 Problem resolved(const Problem& in) {
   Problem p = in;
@@ -133,7 +167,7 @@ Path path_of(const Problem& in) {
   return kt->path_of(p, plan, std::min(plan.row_tile, plan.rows));
 }
 
-void run(const Problem& in) {
+bool run(const Problem& in, const Interrupt* interrupt) {
   const KernelTable* kt = active_kernel();
   if (!kt) throw std::invalid_argument("no sdpa kernel selected");
   if (in.nbatch < 1 || in.nbatch > kMaxBatchDims)
@@ -141,10 +175,15 @@ void run(const Problem& in) {
   if (in.L < 0 || in.S < 0 || in.E < 0 || in.Ev < 0) throw std::invalid_argument("negative size");
   const Problem p = resolved(in);
   // Nothing to write: an empty output and no lse or weights (whatever L and S are).
-  if (p.Ev == 0 && !p.has(Operand::lse) && !p.has(Operand::weights)) return;
+  if (p.Ev == 0 && !p.has(Operand::lse) && !p.has(Operand::weights)) return true;
 
   Plan plan = make_plan(p);
-  if (plan.n_items == 0) return;
+  if (plan.n_items == 0) return true;
+  Stopper stopper(interrupt);
+  if (interrupt && interrupt->pending) {
+    plan.stopping = Stopper::poll;
+    plan.stopping_ctx = &stopper;
+  }
 
   std::vector<char> partials;
   if (plan.n_splits > 1) {
@@ -161,11 +200,12 @@ void run(const Problem& in) {
   pool->parallel_for(plan.n_items, threads, [&](int64_t item) {
     kt->run_items(p, plan, item, item + 1, thread_scratch(scratch));
   });
-  if (plan.n_splits > 1) {
+  if (plan.n_splits > 1 && !stopper.stopped()) {
     pool->parallel_for(plan.n_outer * plan.n_row_tiles, threads, [&](int64_t tile) {
       kt->merge_tiles(p, plan, tile, tile + 1, thread_scratch(scratch));
     });
   }
+  return !stopper.stopped();
 }
 
 }  // namespace sdpa

@@ -116,8 +116,8 @@ def _inner_path(query: Any, key: Any, value: Any, attn_mask: Any = None, **optio
     this call, as the general route would lay it out (for tests and diagnostics)."""
     call = _prepare(query, key, value, attn_mask, Options.parse(options))
     shape = call.batch + (call.L, call.v.shape[-1])
-    lse = np.empty(call.batch + (call.L,), call.acc_dtype) if call.opts.return_lse else None
-    results = {"out": np.empty(shape, call.dtype), "lse": lse}
+    lse = np.empty(call.batch + (call.L,), call.kernel_acc_dtype) if call.opts.return_lse else None
+    results = {"out": np.empty(shape, call.kernel_dtype), "lse": lse}
     return _core.inner_path(_views(call, results, _per_head(call)), call.opts)
 
 
@@ -129,6 +129,7 @@ class _Call:
     k: np.ndarray
     v: np.ndarray
     dtype: np.dtype  # of the result (the storage type)
+    kernel_dtype: np.dtype  # what the kernel reads and writes (see _precision)
     opts: Options
     mask: np.ndarray | None = None
     mask_name: str = ""  # "bool_mask" or "float_mask": the kernel operand it becomes
@@ -138,7 +139,12 @@ class _Call:
 
     @property
     def acc_dtype(self) -> np.dtype:
+        """The dtype of the returned lse: the result's accumulation dtype."""
         return np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
+
+    @property
+    def kernel_acc_dtype(self) -> np.dtype:
+        return np.dtype(np.float64 if self.kernel_dtype == np.float64 else np.float32)
 
     @property
     def L(self) -> int:
@@ -151,6 +157,7 @@ class _Call:
 
 def _prepare(query: Any, key: Any, value: Any, attn_mask: Any, opts: Options) -> _Call:
     call = _operands(query, key, value, opts)
+    call.kernel_dtype = _precision(call)
     _mask(call, attn_mask)
     _layout(call)
     if opts.window is not None:
@@ -204,7 +211,23 @@ def _operands(query: Any, key: Any, value: Any, opts: Options) -> _Call:
             f"query, key and value ({q.dtype}, {k.dtype}, {v.dtype}) {got}; the accepted "
             f"dtypes are {_ACCEPTED}"
         )
-    return _Call(q, k, v, dtype, opts)
+    return _Call(q, k, v, dtype, dtype, opts)
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _precision(call: _Call) -> np.dtype:
+    """The storage type the kernel computes in: the result's, unless a scale, softcap or ALiBi
+    slope lies beyond float32's range, which only float64 can carry (float16, bfloat16 and
+    float32 compute in float32); then the operands are converted to float64 and back."""
+    o = call.opts
+    huge = [abs(o.scale) if o.scale is not None else 0.0, o.softcap or 0.0]
+    if o.softcap is not None and o.softcap * _F32_MAX < 1:  # (its inverse would overflow)
+        huge.append(np.inf)
+    if o.alibi_slopes is not None and o.alibi_slopes.size:
+        huge.append(float(np.max(np.abs(o.alibi_slopes))))
+    return np.dtype(np.float64) if max(huge) > _F32_MAX else call.dtype
 
 
 def _native(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -226,7 +249,7 @@ def _mask(call: _Call, attn_mask: Any) -> None:
         call.mask_name = "bool_mask"
     elif _name(mask.dtype) in _DTYPES:
         call.mask_name = "float_mask"
-        acc = call.acc_dtype
+        acc = call.kernel_acc_dtype
         if mask.dtype.itemsize > acc.itemsize:
             info = np.finfo(acc)
             mask = np.where(np.isinf(mask), mask, np.clip(mask, info.min, info.max))
@@ -370,28 +393,44 @@ def _run(
     if out is not None:
         _check_out(call, out)
     per_head = _per_head(call)
-    shape = call.batch + (call.L, call.v.shape[-1])
+    target, lse, weights = _results(call, want_weights)
+    if any(a is not None and a.size for a in (target, lse, weights)):
+        results = {"out": target, "lse": lse, "weights": weights}
+        _core.attention(_views(call, results, per_head), call.opts)
+    if call.kernel_dtype != call.dtype:  # (computed in float64: back to the result's types)
+        with np.errstate(over="ignore"):  # (an lse beyond float32's range rounds to +-inf)
+            lse = None if lse is None else lse.astype(call.acc_dtype)
+        weights = None if weights is None else weights.astype(call.dtype)
+        if out is None:
+            target = target.astype(call.dtype)
+    if out is None:
+        return target, lse, weights
+    if target is not out:
+        out[...] = target
+    return out, lse, weights
+
+
+def _results(
+    call: _Call, want_weights: bool
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The arrays the kernel writes: out (the caller's `out` itself when the kernel can write it
+    directly and it overlaps no input), lse and weights, in the kernel's types."""
+    out = call.opts.out
+    kernel = call.kernel_dtype
     inputs = [a for a in (call.q, call.k, call.v, call.mask) if a is not None]
-    # Compute into `out` directly unless the kernel cannot write it or it overlaps an input.
     if (
         out is not None
+        and out.dtype == kernel
         and out.dtype.isnative
         and out.flags.aligned
         and not any(np.may_share_memory(out, a) for a in inputs)
     ):
         target = out
     else:
-        target = np.empty(shape, call.dtype)
-    lse = np.empty(call.batch + (call.L,), call.acc_dtype) if call.opts.return_lse else None
-    weights = np.empty(call.batch + (call.L, call.S), call.dtype) if want_weights else None
-    if any(a is not None and a.size for a in (target, lse, weights)):
-        results = {"out": target, "lse": lse, "weights": weights}
-        _core.attention(_views(call, results, per_head), call.opts)
-    if out is None:
-        return target, lse, weights
-    if target is not out:
-        out[...] = target
-    return out, lse, weights
+        target = np.empty(call.batch + (call.L, call.v.shape[-1]), kernel)
+    lse = np.empty(call.batch + (call.L,), call.kernel_acc_dtype) if call.opts.return_lse else None
+    weights = np.empty(call.batch + (call.L, call.S), kernel) if want_weights else None
+    return target, lse, weights
 
 
 def _views(
@@ -413,13 +452,13 @@ def _views(
         return a.reshape(batch + (1,) + core)
 
     def key_side(a: np.ndarray, core: tuple[int, ...]) -> np.ndarray:
-        a = _native(a, call.dtype)
+        a = _native(a, call.kernel_dtype)
         if a.shape != kv_batch + core:
             a = np.broadcast_to(a, kv_batch + core)
         return a.reshape(kv_batch + (1,) + core)
 
     views = {
-        "query": query_side(_native(call.q, call.dtype), (L, E)),
+        "query": query_side(_native(call.q, call.kernel_dtype), (L, E)),
         "key": key_side(call.k, (S, E)),
         "value": key_side(call.v, (S, Ev)),
     }

@@ -14,7 +14,7 @@ namespace sdpa {
 
 // Bumped whenever Problem, Plan or KernelTable change layout; the driver refuses a kernel
 // module built against another version.
-constexpr int kAbiVersion = 6;
+constexpr int kAbiVersion = 7;
 
 // Leading (batch) dims after broadcasting. The last batch dim is always the GQA group dim G:
 // query heads that share one key/value head (G = 1 without GQA; K/V have stride 0 along it).
@@ -137,6 +137,11 @@ struct Plan {
   int64_t panel_pv_keys = 0;     // keys per chunk of the panel path's P.V
   // Split-K partial results (n_splits > 1), allocated by the driver: see PartialRecord.
   void* partials = nullptr;
+  // Asked by the kernel between key blocks (null: never): true means the call is being stopped
+  // (an interrupt), and the kernel abandons its work item. The driver answers it.
+  bool (*stopping)(void* ctx) = nullptr;
+  void* stopping_ctx = nullptr;
+  bool stop() const { return stopping && stopping(stopping_ctx); }
 };
 
 // The split-K partial result of one query row over one key split: (m, l, acc[0 .. Ev)) in the

@@ -39,9 +39,17 @@ double default_scale(int64_t E);
 // only, never on the thread count.
 Plan make_plan(const Problem& p);
 
-// Computes one attention call (scale NaN: the default). Throws std::invalid_argument on an
-// inconsistent Problem.
-void run(const Problem& p);
+// A caller's way to stop a long call: run() asks pending(ctx), on the calling thread only and
+// about every kInterruptPoll, whether to stop (e.g. a signal arrived).
+struct Interrupt {
+  bool (*pending)(void* ctx) = nullptr;
+  void* ctx = nullptr;
+};
+
+// Computes one attention call (scale NaN: the default). Returns false if `interrupt` stopped it
+// (the outputs then hold partial results). Throws std::invalid_argument on an inconsistent
+// Problem.
+bool run(const Problem& p, const Interrupt* interrupt = nullptr);
 
 // The inner path the first row tile of `p` takes (for tests and diagnostics).
 Path path_of(const Problem& p);

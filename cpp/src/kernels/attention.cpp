@@ -106,6 +106,7 @@ struct Kernel {
   static constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
   static void run_item(const Problem& p, const Plan& plan, int64_t item, Scratch<T>& ws) {
+    if (plan.stop()) return;
     const Item it = locate(plan, item);
     const OuterOffsets o = outer_offsets(p, it.outer);
     describe_rows(p, o, it.t0, it.nr, ws.rows);
@@ -153,7 +154,7 @@ struct Kernel {
     acc.setZero();
     std::fill(ws.m, ws.m + nr, kNegInf);
     std::fill(ws.l, ws.l + nr, T(0));
-    for (int64_t j0 = jlo; j0 < jhi; j0 += ws.kb) {
+    for (int64_t j0 = jlo; j0 < jhi && !plan.stop(); j0 += ws.kb) {
       const int64_t nk = std::min(ws.kb, jhi - j0);
       process_block(p, plan, o, nr, j0, nk, ws, Qtile, acc, path);
     }
@@ -410,7 +411,7 @@ struct Kernel {
       const RowInfo* rows = ws.rows;
       const panel::PanelSplit panels(nr);
       load_panels(p, panels, ws);
-      for (int64_t j0 = jlo; j0 < jhi; j0 += ws.kb) {
+      for (int64_t j0 = jlo; j0 < jhi && !plan.stop(); j0 += ws.kb) {
         const int64_t nk = std::min(ws.kb, jhi - j0);
         const ConstMatMap<T> Kb =
             key_side_block<T, Store>(p.view(Operand::key), o[Operand::key], j0, nk, p.E, ws.Kc);
