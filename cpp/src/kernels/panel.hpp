@@ -84,35 +84,49 @@ inline void transpose_from_lanes(const float* a, int64_t lda, int64_t n, float* 
   for (int i = 0; i < kW; ++i) b[i * ldb + x] = a[x * lda + i];
 }
 
+// Features of q and k summed into one accumulator before it joins the score: summing E products
+// into one float loses ~sqrt(E / kDotChunk) times more than summing chunks and adding those
+// (measured against float64: E = 512 went from 2.4x PyTorch's error to within it).
+constexpr int64_t kDotChunk = 32;
+
 // Scores of NR keys against one panel, written to p and folded into the running max:
 //   p[n][.] (NR x MP*kW) = Q_panel (rows x E) k_n, k_n = k + n * ldk (E floats each)
 //   vmax[.] = max(vmax[.], p[n][.])
-// qt: the panel's Q^T (E x MP*kW).
+// qt: the panel's Q^T (E x MP*kW). The sum runs over chunks of kDotChunk features.
 template <int MP, int NR>
 inline void score_tile(const float* qt, int64_t E, const float* k, int64_t ldk, float* p,
                        Packet* vmax) {
   constexpr int ld = MP * kW;
   Packet acc[NR][MP];
-  SDPA_UNROLL
-  for (int n = 0; n < NR; ++n) SDPA_UNROLL
-  for (int i = 0; i < MP; ++i) acc[n][i] = ei::pzero(acc[n][i]);
-  for (int64_t e = 0; e < E; ++e) {
-    Packet a[MP];
+  for (int64_t e0 = 0; e0 < E || e0 == 0; e0 += kDotChunk) {
     SDPA_UNROLL
-    for (int i = 0; i < MP; ++i) a[i] = ei::pload<Packet>(qt + e * ld + i * kW);
-    SDPA_UNROLL
-    for (int n = 0; n < NR; ++n) {
-      const Packet b = ei::pset1<Packet>(k[n * ldk + e]);
+    for (int n = 0; n < NR; ++n) SDPA_UNROLL
+    for (int i = 0; i < MP; ++i) acc[n][i] = ei::pzero(acc[n][i]);
+    const int64_t e1 = std::min(E, e0 + kDotChunk);
+    for (int64_t e = e0; e < e1; ++e) {
+      Packet a[MP];
       SDPA_UNROLL
-      for (int i = 0; i < MP; ++i) acc[n][i] = ei::pmadd(a[i], b, acc[n][i]);
+      for (int i = 0; i < MP; ++i) a[i] = ei::pload<Packet>(qt + e * ld + i * kW);
+      SDPA_UNROLL
+      for (int n = 0; n < NR; ++n) {
+        const Packet b = ei::pset1<Packet>(k[n * ldk + e]);
+        SDPA_UNROLL
+        for (int i = 0; i < MP; ++i) acc[n][i] = ei::pmadd(a[i], b, acc[n][i]);
+      }
     }
+    if (e0 > 0) {  // add the earlier chunks' sum
+      SDPA_UNROLL
+      for (int n = 0; n < NR; ++n) SDPA_UNROLL
+      for (int i = 0; i < MP; ++i)
+        acc[n][i] = ei::padd(acc[n][i], ei::pload<Packet>(p + n * ld + i * kW));
+    }
+    SDPA_UNROLL
+    for (int n = 0; n < NR; ++n) SDPA_UNROLL
+    for (int i = 0; i < MP; ++i) ei::pstore(p + n * ld + i * kW, acc[n][i]);
   }
   SDPA_UNROLL
   for (int n = 0; n < NR; ++n) SDPA_UNROLL
-  for (int i = 0; i < MP; ++i) {
-    ei::pstore(p + n * ld + i * kW, acc[n][i]);
-    vmax[i] = ei::pmax(vmax[i], acc[n][i]);
-  }
+  for (int i = 0; i < MP; ++i) vmax[i] = ei::pmax(vmax[i], acc[n][i]);
 }
 
 // The running max of the panel's scores p[c][.] for c < nc (after removed keys were set to -inf).
@@ -161,13 +175,12 @@ template <int MP, int NR>
 inline void pv_tile(const float* p, int64_t nc, const float* v, int64_t ldv, float* a,
                     const Packet* scale) {
   constexpr int ld = MP * kW;
+  // The chunk's sum starts from 0 and joins the running accumulator once at the end: adding each
+  // key's small term to the large running sum would lose more of its bits.
   Packet acc[NR][MP];
   SDPA_UNROLL
   for (int n = 0; n < NR; ++n) SDPA_UNROLL
-  for (int i = 0; i < MP; ++i) {
-    acc[n][i] = ei::pload<Packet>(a + n * ld + i * kW);
-    if (scale) acc[n][i] = ei::pmul(acc[n][i], scale[i]);
-  }
+  for (int i = 0; i < MP; ++i) acc[n][i] = ei::pzero(acc[n][i]);
   for (int64_t c = 0; c < nc; ++c) {
     Packet x[MP];
     SDPA_UNROLL
@@ -182,7 +195,11 @@ inline void pv_tile(const float* p, int64_t nc, const float* v, int64_t ldv, flo
   }
   SDPA_UNROLL
   for (int n = 0; n < NR; ++n) SDPA_UNROLL
-  for (int i = 0; i < MP; ++i) ei::pstore(a + n * ld + i * kW, acc[n][i]);
+  for (int i = 0; i < MP; ++i) {
+    float* an = a + n * ld + i * kW;
+    const Packet old = ei::pload<Packet>(an);
+    ei::pstore(an, scale ? ei::pmadd(old, scale[i], acc[n][i]) : ei::padd(old, acc[n][i]));
+  }
 }
 
 }  // namespace panel
