@@ -81,3 +81,16 @@ def test_stray_arguments_are_an_error():
     for args in (("demo", "--frob"), ("config", "extra"), ()):
         result = run(*args)
         assert result.returncode == 2 and "usage: python -m sdpa" in result.stderr, args
+
+
+def test_show_config_prints_its_table_once_at_the_prompt():
+    # python -i reads the lines as typed at the prompt, which echoes each expression's repr
+    lines = "import sdpa\nsdpa.show_config()\nc = sdpa.show_config()\nc['isa']\n"
+    result = subprocess.run(
+        [sys.executable, "-i", "-q"], input=lines, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    # once echoed by the first call, nothing by the assignment, then the isa string's repr
+    assert result.stdout.count("available_isas") == 1, result.stdout
+    assert "{" not in result.stdout  # never the dict repr
+    assert result.stdout.strip().splitlines()[-1] == repr(sdpa._config.isa())
