@@ -60,7 +60,7 @@ def test_help_describes_every_command():
 @pytest.mark.parametrize(
     "command, expected",
     [
-        ("demo", ["three tokens", "sdpa.reference"]),
+        ("demo", ["--plot", "sdpa[plot]", "three tokens"]),
         ("bench", ["--quick", "--shapes", "--json"]),
         ("config", ["ISA", "show_config"]),
     ],

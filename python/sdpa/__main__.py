@@ -13,12 +13,18 @@ def _parser() -> argparse.ArgumentParser:
         epilog="`python -m sdpa COMMAND --help` describes each command.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands.add_parser(
+    demo = commands.add_parser(
         "demo",
         help="self-attention over three tokens, step by step, checked against the reference",
         description="Self-attention over three tokens ('The cat sat', 3-dim embeddings, seeded "
         "projections): prints Q, K, V, the attention weights and the output, and checks them "
         "against sdpa.reference.",
+    )
+    demo.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw the attention weights as a heatmap into FILE.png "
+        '(needs matplotlib: pip install "sdpa[plot]")',
     )
     # The bench parses its own options (python -m sdpa bench --help lists them).
     commands.add_parser(
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from ._demo import main as demo
 
-        return demo()
+        return demo(plot=args.plot)
     from ._config import show_config
 
     show_config()
