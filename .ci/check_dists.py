@@ -46,7 +46,7 @@ def kernel_isas(zf: zipfile.ZipFile) -> list[str]:
 
 def check_wheel(path: str) -> None:
     with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
+        names = [n for n in zf.namelist() if not n.endswith("/")]  # auditwheel lists folders
         isas = kernel_isas(zf)
         info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/WHEEL"))
         metadata = zf.read(f"{info}/METADATA").decode()
