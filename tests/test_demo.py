@@ -60,3 +60,43 @@ def test_demo_command_runs():
     assert "matches sdpa.reference" in text and "yes" in text
     # the printed weights: three rows of three probabilities
     assert text.count("[") >= 4
+
+
+def png_size(path):
+    """(width, height) of a PNG file, from its signature and IHDR chunk (the first one)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
+    assert data[12:16] == b"IHDR", "no IHDR chunk first"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_demo_plot_draws_the_weights(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sdpa._demo import PLOT_SIZE
+
+    path = tmp_path / "weights.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "sdpa", "demo", "--plot", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"attention weights drawn to {path}" in result.stdout
+    assert png_size(path) == PLOT_SIZE
+    assert path.stat().st_size > 10_000  # a drawn heatmap with text, not an empty canvas
+
+
+def test_demo_plot_without_matplotlib_names_the_extra(tmp_path):
+    path = tmp_path / "weights.png"
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; from sdpa.__main__ import main; "
+        f"sys.exit(main(['demo', '--plot', {str(path)!r}]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert 'pip install "sdpa[plot]"' in result.stderr
+    assert "matches sdpa.reference" not in result.stdout  # it stops before the demo runs
+    assert not path.exists()

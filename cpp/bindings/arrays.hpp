@@ -45,7 +45,11 @@ inline std::optional<sdpa::DType> dtype_of(const py::dtype& dt) {
 // Whether a dtype is in the machine's byte order ('=' native, '|' not applicable).
 inline bool is_native(const py::dtype& dt) {
   const char bo = dt.byteorder();
+#if defined(__BYTE_ORDER__)
   const char native = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? '<' : '>';
+#else
+  const char native = '<';  // MSVC has no __BYTE_ORDER__; all its targets are little-endian
+#endif
   return bo == '=' || bo == '|' || bo == native;
 }
 

@@ -345,12 +345,13 @@ py::dict cpu_features() {
 }  // namespace
 
 // C entry points for threadpoolctl's custom controller (found through the loaded library).
-extern "C" __attribute__((visibility("default"))) int sdpa_get_num_threads() {
-  return sdpa::get_num_threads();
-}
-extern "C" __attribute__((visibility("default"))) void sdpa_set_num_threads(int n) {
-  sdpa::set_num_threads(n);
-}
+#if defined(_MSC_VER)
+#define SDPA_EXPORT __declspec(dllexport)
+#else
+#define SDPA_EXPORT __attribute__((visibility("default")))
+#endif
+extern "C" SDPA_EXPORT int sdpa_get_num_threads() { return sdpa::get_num_threads(); }
+extern "C" SDPA_EXPORT void sdpa_set_num_threads(int n) { sdpa::set_num_threads(n); }
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "sdpa driver and binding (baseline instructions; kernels live in _kernel_<isa>)";

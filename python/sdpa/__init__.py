@@ -6,8 +6,6 @@
 (2, 4, 8)
 """
 
-from __future__ import annotations
-
 try:
     from . import _core  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on how the package was installed
@@ -33,3 +31,8 @@ __all__ = [
     "set_num_threads",
     "show_config",
 ]
+
+
+def __dir__() -> list[str]:
+    """The public names only (PEP 562): not the submodules the imports above bind."""
+    return sorted(__all__)

@@ -487,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         names = [n.strip() for n in args.shapes.split(",")]
         unknown = sorted(set(names) - {s.name for s in SUITE})
         if unknown:
-            parser.error(f"unknown shapes: {', '.join(unknown)}")
+            valid = ", ".join(s.name for s in SUITE)
+            parser.error(f"unknown shapes: {', '.join(unknown)} (valid: {valid})")
     elif args.quick:
         names = list(QUICK)
     budget = 0.3 if args.quick else 1.5

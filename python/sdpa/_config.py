@@ -115,31 +115,54 @@ def get_num_threads() -> int:
     return int(_core.get_num_threads())
 
 
-def show_config() -> dict[str, Any]:
-    """Print and return the build and runtime configuration."""
+class Config(dict[str, Any]):
+    """sdpa's build and runtime configuration: a dict whose repr is the table show_config prints."""
+
+    def __repr__(self) -> str:
+        width = max(len(k) for k in self)
+        lines = []
+        for key, value in self.items():
+            if isinstance(value, list):
+                value = ", ".join(value) or "-"
+            lines.append(f"{key:<{width}}  {value}")
+        return "\n".join(lines)
+
+
+def _at_prompt() -> bool:
+    """Whether an interactive prompt (Python's, IPython's) will echo what show_config returns."""
+    if hasattr(sys, "ps1"):
+        return True
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
+
+
+def show_config() -> Config:
+    """Print sdpa's build and runtime configuration, and return it.
+
+    The result is a dict (``show_config()["isa"]``) whose repr is the printed table. At an
+    interactive prompt, which echoes that repr, nothing is printed besides, so the table appears
+    once.
+    """
     from . import __version__
 
     info = _core.kernel_info() or {}
     import numpy as np
 
-    config: dict[str, Any] = {
-        "version": __version__,
-        "isa": _active,
-        "available_isas": available_isas(),
-        "built_isas": _built_isas(),
-        "num_threads": get_num_threads(),
-        "kernel_build": info.get("compile_info"),
-        "binding_build": _core.binding_info,
-        "cpu_features": [f for f, on in _core.cpu_features().items() if on],
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "machine": platform.machine(),
-    }
-    width = max(len(k) for k in config)
-    for key, value in config.items():
-        if isinstance(value, list):
-            value = ", ".join(value) or "-"
-        print(f"{key:<{width}}  {value}")
+    config = Config(
+        version=__version__,
+        isa=_active,
+        available_isas=available_isas(),
+        built_isas=_built_isas(),
+        num_threads=get_num_threads(),
+        kernel_build=info.get("compile_info"),
+        binding_build=_core.binding_info,
+        cpu_features=[f for f, on in _core.cpu_features().items() if on],
+        python=sys.version.split()[0],
+        numpy=np.__version__,
+        machine=platform.machine(),
+    )
+    if not _at_prompt():
+        print(config)
     return config
 
 

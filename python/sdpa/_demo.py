@@ -1,14 +1,60 @@
-"""`python -m sdpa demo`: self-attention over three tokens, step by step."""
+"""`python -m sdpa demo [--plot FILE.png]`: self-attention over three tokens, step by step."""
 
 from __future__ import annotations
+
+import sys
+from typing import Any
 
 import numpy as np
 
 from . import reference
 from .api import attention_weights, scaled_dot_product_attention
 
+# The heatmap's size in pixels (width, height): its size in inches times PLOT_DPI.
+PLOT_SIZE = (640, 480)
+PLOT_DPI = 100
 
-def main() -> int:
+
+def _figure_class() -> Any:
+    """matplotlib's Figure (drawn without pyplot, so no GUI backend is involved)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(
+            'the demo draws its heatmap with matplotlib, which is missing: pip install "sdpa[plot]"'
+        ) from e
+    return Figure
+
+
+def plot_weights(words: list[str], weights: np.ndarray, path: str) -> None:
+    """Draw ``weights`` (L x S) as a heatmap, tokens on both axes and each value in its cell."""
+    figure = _figure_class()(
+        figsize=(PLOT_SIZE[0] / PLOT_DPI, PLOT_SIZE[1] / PLOT_DPI),
+        dpi=PLOT_DPI,
+        layout="constrained",
+    )
+    ax = figure.add_subplot()
+    image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(words)), labels=words)
+    ax.set_yticks(range(len(words)), labels=words)
+    ax.set_xlabel("key (the token attended to)")
+    ax.set_ylabel("query (the token attending)")
+    ax.set_title(r"attention weights softmax$(QK^T/\sqrt{3})$")
+    for (i, j), w in np.ndenumerate(weights):
+        color = "black" if w > 0.6 else "white"  # readable on viridis' dark and light ends
+        ax.text(j, i, f"{w:.3f}", ha="center", va="center", color=color, fontsize=14)
+    figure.colorbar(image, ax=ax, label="weight (each row sums to 1)")
+    figure.savefig(path, dpi=PLOT_DPI)
+
+
+def main(plot: str | None = None) -> int:
+    """Print the three-token example; with ``plot``, also draw its weights into that PNG file."""
+    if plot is not None:
+        try:
+            _figure_class()
+        except ImportError as e:
+            print(f"python -m sdpa demo --plot: {e}", file=sys.stderr)
+            return 1
     words = ["The", "cat", "sat"]
     # One 3-dim embedding per word.
     x = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=np.float64)
@@ -40,4 +86,7 @@ def main() -> int:
     print(
         f"matches sdpa.reference (float64): {'yes' if ok else 'NO'} (max abs difference {err:.2e})"
     )
+    if plot is not None:
+        plot_weights(words, weights, plot)
+        print(f"attention weights drawn to {plot}")
     return 0 if ok else 1
