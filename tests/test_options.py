@@ -133,3 +133,12 @@ def test_the_record_is_frozen():
     record = _options.Options.parse({"is_causal": True})
     with pytest.raises(dataclasses.FrozenInstanceError):
         record.is_causal = False  # type: ignore[misc]
+
+
+def test_the_direct_route_takes_other_options_at_their_defaults(rng):
+    q = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    plain = {n: _options.default_of(n) for n in _options._NAMES if n not in _options.DIRECT}
+    assert _core.attention_direct(q, q, q, {**plain, "is_causal": True}) is not None
+    for name, value in (("enable_gqa", True), ("alignment", "bottom_right"), ("window", (1, 1)),
+                        ("return_lse", True), ("enable_gqa", 0)):  # fmt: skip
+        assert _core.attention_direct(q, q, q, {**plain, name: value}) is None, (name, value)

@@ -164,7 +164,7 @@ sdpa::Problem problem_from(const py::dict& operands, py::handle record) {
 // Runs the driver without the GIL. The calling thread takes the GIL back briefly about every
 // 20 ms to let Python run its signal handlers: one that raises (Ctrl-C's KeyboardInterrupt) stops
 // the call, and its exception is raised here.
-void run_interruptibly(const sdpa::Problem& p) {
+void run_interruptibly(sdpa::Problem& p) {
   sdpa::Interrupt interrupt;
   interrupt.pending = [](void*) {
     py::gil_scoped_acquire gil;
@@ -180,7 +180,8 @@ void run_interruptibly(const sdpa::Problem& p) {
 
 // attention(operands, record): the general route, for calls the Python layer has prepared.
 void attention(const py::dict& operands, py::handle record) {
-  run_interruptibly(problem_from(operands, record));
+  sdpa::Problem p = problem_from(operands, record);
+  run_interruptibly(p);
 }
 
 // The inner path (a name from kPathNames) that the first row tile of a call would take.
@@ -194,9 +195,27 @@ std::string inner_path(const py::dict& operands, py::handle record) {
 // None to decline anything else, leaving every check, broadcast and error message to the Python
 // layer; it exists because that layer's generality costs tens of microseconds per call, which
 // dominates small problems (benchmarks/NOTES.md, section 1).
+// The options that leave a call plain when given at these values (the Python layer's record
+// declares them: every option the direct route does not honour, with its default).
+py::dict& plain_defaults() {
+  static py::dict* d = new py::dict();  // (kept for the interpreter's life)
+  return *d;
+}
+
+void set_plain_defaults(const py::dict& defaults) { plain_defaults() = defaults; }
+
+// Whether an option the route does not honour is given at its plain default.
+bool at_plain_default(PyObject* key, PyObject* value) {
+  PyObject* d = PyDict_GetItem(plain_defaults().ptr(), key);
+  if (!d) return false;
+  if (value == d) return true;
+  return Py_TYPE(value) == Py_TYPE(d) && PyObject_RichCompareBool(value, d, Py_EQ) == 1;
+}
+
 class Direct {
  public:
-  // Reads the options this route honours; false when `options` holds anything else.
+  // Reads the options this route honours; false when `options` holds any other away from its
+  // plain default.
   bool read_options(const py::dict& options) {
     static PyObject* const kCausal = PyUnicode_InternFromString("is_causal");
     static PyObject* const kScale = PyUnicode_InternFromString("scale");
@@ -218,7 +237,13 @@ class Direct {
       if (o != Py_None) out_ = py::reinterpret_borrow<py::object>(o);
       ++understood;
     }
-    return understood == options.size();
+    if (understood == options.size()) return true;
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(options.ptr(), &pos, &key, &value))
+      if (key != kCausal && key != kScale && key != kOut && !at_plain_default(key, value))
+        return false;  // (a key not interned falls to the Python layer: right, if slower)
+    return true;
   }
 
   // The problem of plain arrays q, k, v (see above); false to decline.
@@ -357,6 +382,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "sdpa driver and binding (baseline instructions; kernels live in _kernel_<isa>)";
   m.def("attention", &attention, py::arg("operands"), py::arg("options"));
   m.def("attention_direct", &attention_direct);
+  m.def("set_plain_defaults", &set_plain_defaults, py::arg("defaults"));
   m.def("inner_path", &inner_path, py::arg("operands"), py::arg("options"));
   m.def("set_kernel", &set_kernel);
   m.def("kernel_info", &kernel_info);

@@ -88,7 +88,14 @@ void plan_splits(const Problem& p, Plan& plan) {
 class Stopper {
  public:
   explicit Stopper(const Interrupt* interrupt)
-      : interrupt_(interrupt), caller_(std::this_thread::get_id()) {}
+      : interrupt_(interrupt && interrupt->pending ? interrupt : nullptr) {
+    if (interrupt_) {
+      caller_ = std::this_thread::get_id();
+      next_ = std::chrono::steady_clock::now() + kInterruptPoll;
+    }
+  }
+
+  bool armed() const { return interrupt_ != nullptr; }
 
   static bool poll(void* ctx) { return static_cast<Stopper*>(ctx)->poll(); }
 
@@ -107,14 +114,12 @@ class Stopper {
  private:
   const Interrupt* interrupt_;
   std::thread::id caller_;
-  std::chrono::steady_clock::time_point next_ = std::chrono::steady_clock::now() + kInterruptPoll;
+  std::chrono::steady_clock::time_point next_;
   std::atomic<bool> stopped_{false};
 };
 
-Problem resolved(const Problem& in) {
-  Problem p = in;
+void resolve(Problem& p) {
   if (std::isnan(p.opt.scale)) p.opt.scale = default_scale(p.E);
-  return p;
 }
 
 }  // namespace
@@ -162,25 +167,28 @@ Plan make_plan(const Problem& p) {
 Path path_of(const Problem& in) {
   const KernelTable* kt = active_kernel();
   if (!kt) throw std::invalid_argument("no sdpa kernel selected");
-  const Problem p = resolved(in);
+  Problem p = in;
+  resolve(p);
   const Plan plan = make_plan(p);
   return kt->path_of(p, plan, std::min(plan.row_tile, plan.rows));
 }
 
-bool run(const Problem& in, const Interrupt* interrupt) {
+bool run(Problem& p, const Interrupt* interrupt) {
   const KernelTable* kt = active_kernel();
   if (!kt) throw std::invalid_argument("no sdpa kernel selected");
-  if (in.nbatch < 1 || in.nbatch > kMaxBatchDims)
+  if (p.nbatch < 1 || p.nbatch > kMaxBatchDims)
     throw std::invalid_argument("number of batch dims out of range");
-  if (in.L < 0 || in.S < 0 || in.E < 0 || in.Ev < 0) throw std::invalid_argument("negative size");
-  const Problem p = resolved(in);
+  if (p.L < 0 || p.S < 0 || p.E < 0 || p.Ev < 0) throw std::invalid_argument("negative size");
+  resolve(p);
   // Nothing to write: an empty output and no lse or weights (whatever L and S are).
   if (p.Ev == 0 && !p.has(Operand::lse) && !p.has(Operand::weights)) return true;
 
   Plan plan = make_plan(p);
   if (plan.n_items == 0) return true;
-  Stopper stopper(interrupt);
-  if (interrupt && interrupt->pending) {
+  const double work = static_cast<double>(plan.n_outer) * static_cast<double>(plan.rows) *
+                      static_cast<double>(p.S) * static_cast<double>(p.E + p.Ev);
+  Stopper stopper(work < kInlineWork ? nullptr : interrupt);  // (a small call ends at once)
+  if (stopper.armed()) {
     plan.stopping = Stopper::poll;
     plan.stopping_ctx = &stopper;
   }
@@ -192,8 +200,6 @@ bool run(const Problem& in, const Interrupt* interrupt) {
   }
 
   const size_t scratch = kt->scratch_bytes(p, plan);
-  const double work = static_cast<double>(plan.n_outer) * static_cast<double>(plan.rows) *
-                      static_cast<double>(p.S) * static_cast<double>(p.E + p.Ev);
   std::shared_ptr<ThreadPool> pool = global_pool();
   const int threads = work < kInlineWork ? 1 : pool->size();
 

@@ -242,14 +242,6 @@ def default_of(name: str) -> Any:
     return _FIELDS[name].default
 
 
-def is_default(name: str, value: Any) -> bool:
-    """Whether `value` is option `name`'s default exactly (a bool for a bool, None for None)."""
-    if name not in _FIELDS:
-        return False
-    default = _FIELDS[name].default
-    return value is default or (type(value) is type(default) and value == default)
-
-
 def takes_options(*, exclude: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Any]:
     """Decorates a function ``f(*positional, **options)``: its signature shows the options
     (keyword-only, with their defaults) and ``{options}`` in its docstring becomes their

@@ -16,14 +16,18 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._options import DIRECT, PER_HEAD, Options, takes_options
-from ._options import is_default as _is_default
+from ._options import DIRECT, PER_HEAD, Options, default_of, takes_options
 
 __all__ = ["attention_weights", "scaled_dot_product_attention"]
 
 _DTYPES = frozenset(_core.dtypes)  # the storage types the kernel computes in their own right
 _ACCEPTED = "float16, bfloat16 (ml_dtypes), float32 or float64"
 _NAMES: dict[np.dtype, str] = {}
+# The options the direct route does not honour, at the values that leave a call plain (their
+# defaults, as in f(q, k, v, enable_gqa=False)): given so, the route still takes the call.
+_core.set_plain_defaults(
+    {f: default_of(f) for f in Options.__dataclass_fields__ if f not in DIRECT}
+)
 
 
 def _name(dtype: np.dtype) -> str:
@@ -63,25 +67,14 @@ def scaled_dot_product_attention(
     restriction (bool mask, causal, window, kv_lengths) removes keys. A query row left with no
     key to attend to gets output 0 (never NaN) and lse -inf.
     """
-    if attn_mask is None:
-        direct = options if options.keys() <= DIRECT else _direct_options(options)
-        if direct is not None:
-            result = _core.attention_direct(query, key, value, direct)
-            if result is not None:
-                return result
+    if attn_mask is None:  # the direct route honours DIRECT options and declines the rest
+        result = _core.attention_direct(query, key, value, options)
+        if result is not None:
+            return result
     opts = Options.parse(options, where="scaled_dot_product_attention")
     call = _prepare(query, key, value, attn_mask, opts)
     out, lse, _ = _run(call, want_weights=False)
     return (out, lse) if opts.return_lse else out
-
-
-def _direct_options(options: dict[str, Any]) -> dict[str, Any] | None:
-    """The options the direct route honours, if every other one is given at its default (as in
-    ``f(q, k, v, enable_gqa=False)``); else None."""
-    for name, value in options.items():
-        if name not in DIRECT and not _is_default(name, value):
-            return None
-    return {name: value for name, value in options.items() if name in DIRECT}
 
 
 @takes_options(exclude=("out", "return_lse"))

@@ -46,10 +46,10 @@ struct Interrupt {
   void* ctx = nullptr;
 };
 
-// Computes one attention call (scale NaN: the default). Returns false if `interrupt` stopped it
-// (the outputs then hold partial results). Throws std::invalid_argument on an inconsistent
-// Problem.
-bool run(const Problem& p, const Interrupt* interrupt = nullptr);
+// Computes one attention call, first resolving its defaults in `p` (scale NaN: the default).
+// Returns false if `interrupt` stopped it (the outputs then hold partial results). Throws
+// std::invalid_argument on an inconsistent Problem.
+bool run(Problem& p, const Interrupt* interrupt = nullptr);
 
 // The inner path the first row tile of `p` takes (for tests and diagnostics).
 Path path_of(const Problem& p);

@@ -184,7 +184,8 @@ struct Kernel {
         key_side_block<T, Store>(p.view(Operand::value), o[Operand::value], j0, nk, p.Ev, ws.Vc);
     // A NaN or Inf in V reaches exactly the rows that attend its key: where some row does not
     // attend some key of the block, the product would spread it to that row as 0 * NaN.
-    if (!scored.full && !Vb.allFinite()) return confined_pv(p, nr, j0, nk, ws, Vb, acc);
+    if (!scored.full && !all_finite(Vb.data(), Vb.outerStride(), nk, p.Ev))
+      return confined_pv(p, nr, j0, nk, ws, Vb, acc);
     if constexpr (std::is_same_v<T, float>) {
       if (path == Path::few_rows)
         return few_rows::accumulate(ws.Sb, ws.kb, nr, Vb.data(), Vb.outerStride(), nk, p.Ev, ws.acc,
@@ -417,6 +418,9 @@ struct Kernel {
             key_side_block<T, Store>(p.view(Operand::key), o[Operand::key], j0, nk, p.E, ws.Kc);
         const ConstMatMap<T> Vb = key_side_block<T, Store>(p.view(Operand::value),
                                                            o[Operand::value], j0, nk, p.Ev, ws.Vc);
+        // V's values, checked once a block when some row does not attend some of its keys.
+        const bool v_finite =
+            all_attend(rows, nr, j0, j0 + nk) || all_finite(Vb.data(), Vb.outerStride(), nk, p.Ev);
         for (int64_t pi = 0; pi < panels.n_panels; ++pi) {
           const int64_t r0 = panels.first_row(pi), pr = panels.rows(pi);
           // Keys [c0, c1) of the block that some row of the panel attends.
@@ -435,6 +439,7 @@ struct Kernel {
             blk.ldv = Vb.outerStride();
             blk.nc = s1 - s0;
             blk.pv_keys = plan.panel_pv_keys;
+            blk.v_finite = v_finite;
             blk.rows = full ? nullptr : rows + r0;
             blk.n_rows = pr;
             blk.j_first = j0 + s0;
@@ -501,6 +506,7 @@ struct Kernel {
     int64_t ldv;
     int64_t nc;
     int64_t pv_keys;      // keys per chunk of P.V
+    bool v_finite;        // whether the block's V rows hold no NaN or Inf (checked when partial)
     const RowInfo* rows;  // the panel's rows when some keys are removed for some rows, else null
     int64_t n_rows, j_first;
     const T* qt;  // Q^T (E x ld)
@@ -530,8 +536,9 @@ struct Kernel {
     Packet vmax[MP];
     for (auto& x : vmax) x = Eigen::internal::pset1<Packet>(kNegInf);
     int64_t c = 0;
-    for (; c + kNR <= b.nc; c += kNR)
-      panel::score_tile<MP, kNR>(b.qt, b.E, b.k + c * b.ldk, b.ldk, b.pt + c * ld, vmax);
+    constexpr int kSNR = panel::kScoreNR;
+    for (; c + kSNR <= b.nc; c += kSNR)
+      panel::score_tile<MP, kSNR>(b.qt, b.E, b.k + c * b.ldk, b.ldk, b.pt + c * ld, vmax);
     for (; c < b.nc; ++c)
       panel::score_tile<MP, 1>(b.qt, b.E, b.k + c * b.ldk, b.ldk, b.pt + c * ld, vmax);
     if (b.rows) {
@@ -548,8 +555,7 @@ struct Kernel {
     Packet alpha[MP];
     panel::softmax_step<MP>(b.pt, b.nc, vmax, b.m, b.l, alpha);
     // As in process_block: NaN or Inf in V must not reach a lane that does not attend its key.
-    if (b.rows && !ConstMatMap<T>(b.v, b.nc, b.Ev, Eigen::OuterStride<>(b.ldv)).allFinite())
-      return confined_panel_pv<MP>(b, alpha);
+    if (b.rows && !b.v_finite) return confined_panel_pv<MP>(b, alpha);
 
     // acc^T (Ev x ld) = alpha * acc^T + V_blk^T (Ev x nc) P^T (nc x ld), keys in chunks of
     // pv_keys so that the chunk of P^T (pv_keys x ld) stays in L1 across the columns.
