@@ -161,3 +161,16 @@ def test_huge_scalars_give_the_float64_answer(rng, kwargs, dtype):
         np.testing.assert_allclose(lse, ref_lse.astype(np.float32), rtol=1e-6, atol=1e-6)
     w = sdpa.attention_weights(q, k, **kwargs)
     assert w.dtype == dtype and np.all(np.isfinite(w))
+
+
+@pytest.mark.parametrize("rows", [1, 40], ids=["few-rows", "panels"])
+def test_the_running_sums_do_not_drift_over_long_key_ranges(rows):
+    # 2^29 keys of constant value 3 (zero-stride views: no memory): the sums of 3 and of 1 pass
+    # 2^24, where adding each key's term to the running float sum loses it (this gave 3.33).
+    S = 1 << 29
+    q = np.ones((rows, 1), np.float32)
+    k = np.broadcast_to(np.ones((1, 1), np.float32), (S, 1))
+    v = np.broadcast_to(np.full((1, 1), 3.0, np.float32), (S, 1))
+    out, lse = attention(q, k, v, return_lse=True)
+    np.testing.assert_allclose(out, 3.0, rtol=1e-6)
+    np.testing.assert_allclose(lse, np.log(S) + 1.0, rtol=1e-6)

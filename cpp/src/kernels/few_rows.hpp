@@ -76,10 +76,12 @@ inline void scores(const float* q, int64_t nr, int64_t E, const float* k, int64_
 template <int R, int D>
 inline void axpy_block(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t nc,
                        float* a, int64_t lda) {
+  // The chunk's sum starts from 0 and joins A once (adding each key's term to A, the running sum
+  // of the whole key range, lost its bits: constant values of 3 over 2^31 keys averaged 2.0).
   Packet acc[R][D];
   SDPA_UNROLL
   for (int i = 0; i < R; ++i) SDPA_UNROLL
-  for (int j = 0; j < D; ++j) acc[i][j] = ei::ploadu<Packet>(a + i * lda + j * kW);
+  for (int j = 0; j < D; ++j) acc[i][j] = ei::pzero(acc[i][j]);
   for (int64_t c = 0; c < nc; ++c) {
     Packet b[R];
     SDPA_UNROLL
@@ -93,7 +95,10 @@ inline void axpy_block(const float* p, int64_t ldp, const float* v, int64_t ldv,
   }
   SDPA_UNROLL
   for (int i = 0; i < R; ++i) SDPA_UNROLL
-  for (int j = 0; j < D; ++j) ei::pstoreu(a + i * lda + j * kW, acc[i][j]);
+  for (int j = 0; j < D; ++j) {
+    float* aij = a + i * lda + j * kW;
+    ei::pstoreu(aij, ei::padd(ei::ploadu<Packet>(aij), acc[i][j]));
+  }
 }
 
 // R rows of A (lda apart) += their P rows (ldp apart) times nc rows of V (Ev wide, ldv apart):
@@ -109,8 +114,11 @@ inline void axpy_rows(const float* p, int64_t ldp, const float* v, int64_t ldv, 
   }
   for (; x + kW <= Ev; x += kW) axpy_block<R, 1>(p, ldp, v + x, ldv, nc, a + x, lda);
   for (; x < Ev; ++x)
-    for (int i = 0; i < R; ++i)
-      for (int64_t c = 0; c < nc; ++c) a[i * lda + x] += p[i * ldp + c] * v[c * ldv + x];
+    for (int i = 0; i < R; ++i) {
+      float sum = 0;
+      for (int64_t c = 0; c < nc; ++c) sum += p[i * ldp + c] * v[c * ldv + x];
+      a[i * lda + x] += sum;
+    }
 }
 
 // A (nr x Ev, rows lda apart) += P (nr x nc, rows ldp apart) V (nc x Ev, rows ldv apart), in
