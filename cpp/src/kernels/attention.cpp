@@ -380,16 +380,15 @@ struct Kernel {
       const bool scored = score_block(p, plan, o, nr, j0, nk, ws, Qtile, path).any;
       for (int64_t r = 0; r < nr; ++r) {
         T* srow = ws.Sb + r * ws.kb;
-        T m = ws.m[r], l = ws.l[r];
-        with_sink(ws.rows[r], m, l);  // (the row's weights then sum to less than 1)
+        const T m = ws.m[r], l = ws.l[r];
         T inv_l = T(0);
-        if (!scored ||
-            ws.l[r] == T(0)) {  // (a NaN l falls through: NaN weights, as in the reference)
+        if (!scored || l == T(0)) {  // (a NaN l falls through: NaN weights, as in the reference)
           std::fill(srow, srow + nk, T(0));
         } else {
           exp_row(srow, nk, m);  // the same exp as the first pass, so rows sum to l / l
-          // (a +inf max: exp gives NaN at its +inf keys and 0 elsewhere, as the reference does)
-          inv_l = m == -kNegInf ? T(1) : T(1) / l;
+          // (a +inf max: exp gives NaN at its +inf keys and 0 elsewhere, as the reference does;
+          // a sink takes its share, so the row then sums to less than 1)
+          inv_l = m == -kNegInf ? T(1) : static_cast<T>(finish(ws.rows[r], m, l).factor);
         }
         convert_row<T>(w + ws.rows[r].w_off + j0 * wv.col_stride, wv.col_stride, srow, 1, nk,
                        inv_l);
@@ -397,28 +396,38 @@ struct Kernel {
     }
   }
 
-  // Writes out = acc / l and lse = m + log(l), the softmax's final rule (softmax.hpp), after
-  // folding in the row's sink.
-  static void write_row(const Problem& p, const RowInfo& ri, const T* acc_row, T m, T l) {
-    const T factor = with_sink(ri, m, l);
-    const View& ov = p.view(Operand::out);
-    auto* out = static_cast<Store*>(const_cast<void*>(ov.data));
-    convert_row<T>(out + ri.out_off, ov.col_stride, acc_row, 1, p.Ev,
-                   factor * softmax::out_factor(l));
-    if (p.has(Operand::lse)) {
-      auto* lse = static_cast<T*>(const_cast<void*>(p.view(Operand::lse).data));
-      // (less the ALiBi shift of the row's scores, see RowInfo::near)
-      lse[ri.lse_off] = softmax::lse(m, l) - static_cast<T>(ri.slope) * static_cast<T>(ri.near);
+  // A finished row: the factor that turns its acc into the output, and its lse.
+  struct Finished {
+    double factor, lse;
+  };
+
+  // The softmax's final rule (softmax.hpp) for a row with running max m and sum l, in double: the
+  // row's scores carry the ALiBi shift of RowInfo::near, taken back out of the lse here, and its
+  // attention sink (if any) joins the denominator: out = acc / (l + e^(sink - m)) and lse =
+  // log(e^lse_keys + e^sink). (In float, a shift of hundreds would cost the lse its digits when a
+  // sink outweighs the keys.)
+  static Finished finish(const RowInfo& ri, T m, T l) {
+    const double lse_keys =
+        static_cast<double>(softmax::lse(m, l)) - ri.slope * static_cast<double>(ri.near);
+    Finished f{static_cast<double>(softmax::out_factor(l)), lse_keys};
+    if (ri.sink != -std::numeric_limits<double>::infinity()) {
+      const double top = std::max(lse_keys, ri.sink);  // (NaN: top is the sink, f stays NaN)
+      f.lse = top + std::log(std::exp(lse_keys - top) + std::exp(ri.sink - top));
+      f.factor *= std::exp(lse_keys - f.lse);  // the keys' share (0 for a row with no key)
     }
+    return f;
   }
 
-  // Folds the row's attention sink (if any) into m and l, returning the factor that rescales
-  // its acc. The sink is shifted like the row's scores (RowInfo::near), so the lse's correction
-  // holds for it too.
-  static T with_sink(const RowInfo& ri, T& m, T& l) {
-    if (ri.sink == -std::numeric_limits<double>::infinity()) return T(1);
-    const double shift = ri.slope * static_cast<double>(ri.near);
-    return softmax::fold_sink(static_cast<T>(ri.sink + shift), m, l);
+  // Writes out = factor * acc and the lse (finish).
+  static void write_row(const Problem& p, const RowInfo& ri, const T* acc_row, T m, T l) {
+    const Finished f = finish(ri, m, l);
+    const View& ov = p.view(Operand::out);
+    auto* out = static_cast<Store*>(const_cast<void*>(ov.data));
+    convert_row<T>(out + ri.out_off, ov.col_stride, acc_row, 1, p.Ev, static_cast<T>(f.factor));
+    if (p.has(Operand::lse)) {
+      auto* lse = static_cast<T*>(const_cast<void*>(p.view(Operand::lse).data));
+      lse[ri.lse_off] = static_cast<T>(f.lse);
+    }
   }
 
   // ---- The panel path (panel.hpp) ----

@@ -76,15 +76,6 @@ inline V partial_weight(const Step<V>& st, const V& m_part) {
   return exp_nonpositive(ei::psub(m_part, st.m_use));
 }
 
-// Folds an attention sink into a finished row: a key of score `sink` whose value is 0. Returns
-// the factor that rescales the row's acc (m and l move on as for any step).
-template <typename T>
-inline T fold_sink(T sink, T& m, T& l) {
-  const Step<T> st = begin(m, sink);
-  end(st, exp_nonpositive(sink - st.m_use), m, l);
-  return st.alpha;
-}
-
 // The factor that turns acc into the output: 1 / l, or 0 for a row with no key.
 template <typename T>
 inline T out_factor(T l) {
