@@ -1,7 +1,11 @@
 #include "threadpool.hpp"
 
+#if defined(_WIN32)
+#include <immintrin.h>  // _mm_pause
+#else
 #include <pthread.h>
 #include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -19,7 +23,9 @@ namespace {
 constexpr auto kSpin = std::chrono::microseconds(200);
 
 inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86))
+  _mm_pause();
+#elif defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
 #endif
 }
@@ -132,7 +138,12 @@ namespace {
 std::mutex g_mutex;
 std::shared_ptr<ThreadPool> g_pool;
 int g_threads = 1;
-pid_t g_pid = 0;
+
+#if defined(_WIN32)
+// No fork() on Windows: the pool never outlives its process's threads.
+int process_id() { return 0; }
+#else
+int process_id() { return static_cast<int>(getpid()); }
 
 void prepare_fork() { g_mutex.lock(); }
 void parent_after_fork() { g_mutex.unlock(); }
@@ -147,15 +158,17 @@ struct ForkHandlers {
   ForkHandlers() { pthread_atfork(prepare_fork, parent_after_fork, child_after_fork); }
 };
 ForkHandlers g_fork_handlers;
+#endif
+int g_pid = 0;
 
 }  // namespace
 
 std::shared_ptr<ThreadPool> global_pool() {
   std::lock_guard<std::mutex> lk(g_mutex);
-  if (g_pool && g_pid != getpid()) new std::shared_ptr<ThreadPool>(std::move(g_pool));
+  if (g_pool && g_pid != process_id()) new std::shared_ptr<ThreadPool>(std::move(g_pool));
   if (!g_pool || g_pool->size() != g_threads) {
     g_pool = std::make_shared<ThreadPool>(g_threads);
-    g_pid = getpid();
+    g_pid = process_id();
   }
   return g_pool;
 }
