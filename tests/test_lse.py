@@ -136,7 +136,9 @@ def test_lse_of_a_single_key_is_its_score(isa, rng):
         (30, 300, {"kv_lengths": np.array([0, 7, 0])}),
         (30, 300, {"window": (None, 3), "kv_lengths": np.array([[0], [300]])}),
         (30, 0, {}),  # no keys at all
-        (30, 300, {"window": (2, 2), "alignment": "bottom_right", "kv_lengths": 100}),
+        # (top-left: with "bottom_right" the diagonal follows kv_lengths, FlashAttention's rule)
+        (30, 300, {"window": (2, 2), "kv_lengths": 10}),  # rows i > 11
+        (30, 300, {"alignment": "bottom_right", "q_lengths": 20, "kv_lengths": 100}),  # padding
     ],
     ids=[
         "causal-bottom-right-L>S",
@@ -145,6 +147,7 @@ def test_lse_of_a_single_key_is_its_score(isa, rng):
         "kv-lengths-0-window",
         "S=0",
         "window-beyond-kv-length",
+        "q-lengths-padding",
     ],
 )
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=float_id)

@@ -37,6 +37,13 @@ def option_values(L, S):
         "alibi_slopes": {"alibi_slopes": np.array([0.3, 0.0, 0.7, 0.1])},
         "softcap": {"softcap": 0.5},
         "kv_lengths": {"kv_lengths": np.array([[S // 2], [S - 3]])},
+        "q_lengths": {
+            "q_lengths": np.array([[max(L - 1, 1)], [L]]),
+            "kv_lengths": np.array([[S // 2], [S - 3]]),
+            "alignment": "bottom_right",
+            "is_causal": True,
+            "return_lse": True,
+        },
         "sinks": {"sinks": np.array([0.5, -1.0, 2.0, 1.0]), "return_lse": True},
         "return_lse": {"return_lse": True},
     }

@@ -17,14 +17,15 @@ def loop_attention(
     is_causal=False,
     scale=None,
     group=1,
-    offset=0,
+    bottom_right=False,
     window=None,
     slopes=None,
     softcap=None,
     lengths=None,
 ):
     """Row-by-row attention for (H, L, E) inputs written as plainly as possible (no broadcasting,
-    no vectorised softmax), independent of the reference's code path. Returns (out, lse)."""
+    no vectorised softmax), independent of the reference's code path. Returns (out, lse).
+    With bottom_right, query i's diagonal is i + len_k - L (len_k: the head's length, or S)."""
     H, L, E = q.shape
     S, Ev = k.shape[1], v.shape[2]
     scale = (1.0 / math.sqrt(E) if E else 1.0) if scale is None else scale
@@ -32,8 +33,9 @@ def loop_attention(
     lse = np.full((H, L), -np.inf)
     for h in range(H):
         hk = h // group
+        len_k = S if lengths is None else lengths[h]
         for i in range(L):
-            d = i + offset
+            d = i + (len_k - L if bottom_right else 0)
             logits = {}
             for j in range(S):
                 if mask is not None and mask.dtype == bool and not mask[h, i, j]:
@@ -216,7 +218,7 @@ def test_matches_loop_implementation_with_everything(rng, L, S, alignment):
             v,
             mask=mask,
             group=Hq // Hkv,
-            offset=S - L if alignment == "bottom_right" else 0,
+            bottom_right=alignment == "bottom_right",
             slopes=slopes,
             lengths=lengths,
             **kwargs,

@@ -93,10 +93,10 @@ def _out(x: Any, name: str) -> np.ndarray | None:
 @dataclass(frozen=True)
 class PerHead:
     """A per-(batch, head) array option: broadcastable to ``query.shape[:-2]``, handed to the
-    kernel in ``dtype`` under its field name, after ``check(values, S)`` passed."""
+    kernel in ``dtype`` under its field name, after ``check(values, L, S, name)`` passed."""
 
     dtype: type
-    check: Callable[[np.ndarray, int, str], None] = lambda a, S, name: None
+    check: Callable[[np.ndarray, int, int, str], None] = lambda a, L, S, name: None
 
     def parse(self, x: Any, name: str) -> np.ndarray | None:
         if x is None:
@@ -114,16 +114,24 @@ class PerHead:
         return a
 
 
-def _finite(a: np.ndarray, S: int, name: str) -> None:
+def _finite(a: np.ndarray, L: int, S: int, name: str) -> None:
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name} must be finite")
 
 
-def _key_count(a: np.ndarray, S: int, name: str) -> None:
-    if a.size and (a.min() < 0 or a.max() > S):
+def _in_range(a: np.ndarray, what: str, n: int, name: str) -> None:
+    if a.size and (a.min() < 0 or a.max() > n):
         raise ValueError(
-            f"{name} must lie in [0, S] = [0, {S}]; got values in [{a.min()}, {a.max()}]"
+            f"{name} must lie in [0, {what}] = [0, {n}]; got values in [{a.min()}, {a.max()}]"
         )
+
+
+def _key_count(a: np.ndarray, L: int, S: int, name: str) -> None:
+    _in_range(a, "S", S, name)
+
+
+def _query_count(a: np.ndarray, L: int, S: int, name: str) -> None:
+    _in_range(a, "L", L, name)
 
 
 def _option(
@@ -195,7 +203,15 @@ any mask or ALiBi is added.""",
         None,
         PerHead(np.int64, _key_count),
         """Integer array broadcastable to ``query.shape[:-2]``: keys ``j >= length`` are removed
-(padded batches). Each length lies in [0, S].""",
+(padded batches). Each length lies in [0, S]. With ``alignment="bottom_right"`` each row's
+diagonal is ``i + len_k - len_q`` (FlashAttention's rule for ragged batches).""",
+    )
+    q_lengths: np.ndarray | None = _option(
+        None,
+        PerHead(np.int64, _query_count),
+        """Integer array broadcastable to ``query.shape[:-2]``: query rows ``i >= length`` are
+padding, and give output 0 and lse -inf. Each length lies in [0, L]. With
+``alignment="bottom_right"`` it is the ``len_q`` of the diagonal ``i + len_k - len_q``.""",
     )
     sinks: np.ndarray | None = _option(
         None,

@@ -373,7 +373,7 @@ def _per_head(call: _Call) -> dict[str, np.ndarray]:
                 f"{name} of shape {a.shape} must broadcast to query.shape[:-2] = {head_shape}"
             )
         a = a.astype(spec.dtype)
-        spec.check(a, call.S, name)
+        spec.check(a, call.L, call.S, name)
         arrays[name] = a
     return arrays
 

@@ -9,11 +9,13 @@ Semantics, in order (see the docstring of ``sdpa.scaled_dot_product_attention``)
     s = softcap * tanh(s / softcap)         if softcap is given
     s = s + attn_mask                       if attn_mask is floating
     s = s - slope * |j - diag(i)|           if alibi_slopes is given
-    s[removed] = -inf                       bool attn_mask, is_causal, window, kv_lengths
+    s[removed] = -inf                       bool attn_mask, is_causal, window, kv_lengths,
+                                            and every key of a padding row (q_lengths)
     out = softmax(s) @ v                    a row with no key left gives weights 0, output 0
                                             (sinks: exp(sink) joins each row's denominator)
 
-with diag(i) = i for alignment "top_left" and i + S - L for "bottom_right".
+with diag(i) = i for alignment "top_left" and i + len_k - len_q for "bottom_right", len_k and
+len_q being the sequence's kv_lengths and q_lengths (S and L when not given).
 """
 
 from __future__ import annotations
@@ -52,8 +54,14 @@ def _scores(query, key, attn_mask, o: Options):
     if o.softcap is not None:
         s = o.softcap * np.tanh(s / o.softcap)
 
-    offset = S - L if o.alignment == "bottom_right" else 0
-    # rel[i, j] = j - diag(i): where key j sits relative to query i's diagonal key.
+    heads = q.shape[:-2]
+    len_k = np.broadcast_to(S if o.kv_lengths is None else o.kv_lengths, heads)
+    len_q = np.broadcast_to(L if o.q_lengths is None else o.q_lengths, heads)
+    if np.any(len_k < 0) or np.any(len_k > S) or np.any(len_q < 0) or np.any(len_q > L):
+        raise ValueError(f"kv_lengths must lie in [0, {S}] and q_lengths in [0, {L}]")
+    # diag(i) = i + len_k - len_q for "bottom_right" (FlashAttention's rule for ragged batches)
+    offset = (len_k - len_q)[..., None, None] if o.alignment == "bottom_right" else 0
+    # rel[..., i, j] = j - diag(i): where key j sits relative to query i's diagonal key.
     rel = np.arange(S)[None, :] - (np.arange(L)[:, None] + offset)
 
     keep = np.ones((L, S), dtype=bool)
@@ -77,11 +85,8 @@ def _scores(query, key, attn_mask, o: Options):
             keep = keep & (rel >= -left)
         if right is not None:
             keep = keep & (rel <= right)
-    if o.kv_lengths is not None:
-        lengths = np.broadcast_to(o.kv_lengths, q.shape[:-2])
-        if np.any(lengths < 0) or np.any(lengths > S):
-            raise ValueError(f"kv_lengths must lie in [0, {S}]")
-        keep = keep & (np.arange(S) < lengths[..., None, None])
+    keep = keep & (np.arange(S) < len_k[..., None, None])  # keys that exist
+    keep = keep & (np.arange(L)[:, None] < len_q[..., None, None])  # rows that are no padding
     shape = np.broadcast_shapes(s.shape, keep.shape)
     keep = np.broadcast_to(keep, shape)
     return np.where(keep, s, -np.inf), keep
@@ -150,6 +155,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, **options: A
     with np.errstate(invalid="ignore", over="ignore"):  # (NaN and Inf inputs are allowed)
         s, keep = _scores(query, key, attn_mask, o)
         weights, lse = _softmax(s, o.sinks)
+        if o.q_lengths is not None:  # padding rows: output 0 and lse -inf, a sink or not
+            padding = np.arange(s.shape[-2]) >= np.asarray(o.q_lengths)[..., None]
+            lse = np.where(padding, -np.inf, lse)
         v = _repeat_heads(np.asarray(query), _f64(value), o.enable_gqa)
         result = _apply(weights, keep, v).astype(dtype)
     if o.out is not None:

@@ -14,7 +14,7 @@ namespace sdpa {
 
 // Bumped whenever Problem, Plan or KernelTable change layout; the driver refuses a kernel
 // module built against another version.
-constexpr int kAbiVersion = 7;
+constexpr int kAbiVersion = 8;
 
 // Leading (batch) dims after broadcasting. The last batch dim is always the GQA group dim G:
 // query heads that share one key/value head (G = 1 without GQA; K/V have stride 0 along it).
@@ -52,6 +52,7 @@ enum class Operand : int {
   alibi_slopes,  // per head: float64 slope of the ALiBi bias
   kv_lengths,    // per head: int64 count of keys that exist
   sinks,         // per head: float64 logit added to the softmax denominator, with no value
+  q_lengths,     // per head: int64 count of query rows that exist (the others are padding)
   kCount
 };
 constexpr int kOperandCount = static_cast<int>(Operand::kCount);
@@ -79,10 +80,12 @@ constexpr OperandSpec kOperandSpecs[kOperandCount] = {
     {"alibi_slopes", Axis::none, Axis::none, Elem::f64, false, false},
     {"kv_lengths", Axis::none, Axis::none, Elem::i64, false, false},
     {"sinks", Axis::none, Axis::none, Elem::f64, false, false},
+    {"q_lengths", Axis::none, Axis::none, Elem::i64, false, false},
 };
 
 // Where the diagonal of the L x S score matrix sits: query i's diagonal key is i (top_left) or
-// i + S - L (bottom_right).
+// i + len_k - len_q (bottom_right), len_k and len_q being the row's kv_lengths and q_lengths
+// (S and L when absent): FlashAttention's rule for ragged batches.
 enum class Alignment : int { top_left = 0, bottom_right = 1 };
 constexpr const char* kAlignmentNames[] = {"top_left", "bottom_right"};
 

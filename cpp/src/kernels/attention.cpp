@@ -67,8 +67,8 @@ Features features_of(const Problem& p) {
 // in when a row is written (write_row), which every path shares.
 constexpr Features kPanelsHonour = bit(Operand::query) | bit(Operand::key) | bit(Operand::value) |
                                    bit(Operand::out) | bit(Operand::lse) |
-                                   bit(Operand::kv_lengths) | bit(Operand::sinks) | kCausal |
-                                   kWindow | kBottomRight;
+                                   bit(Operand::kv_lengths) | bit(Operand::q_lengths) |
+                                   bit(Operand::sinks) | kCausal | kWindow | kBottomRight;
 // The few-row and general paths apply every modifier to their score block.
 constexpr Features kBlocksHonour = ~Features{0};
 
@@ -410,6 +410,7 @@ struct Kernel {
     const double lse_keys =
         static_cast<double>(softmax::lse(m, l)) - ri.slope * static_cast<double>(ri.near);
     Finished f{static_cast<double>(softmax::out_factor(l)), lse_keys};
+    if (ri.padding) return {0.0, -std::numeric_limits<double>::infinity()};
     if (ri.sink != -std::numeric_limits<double>::infinity()) {
       const double top = std::max(lse_keys, ri.sink);  // (NaN: top is the sink, f stays NaN)
       f.lse = top + std::log(std::exp(lse_keys - top) + std::exp(ri.sink - top));

@@ -34,6 +34,7 @@ struct RowInfo {
   int64_t q_off, out_off, mask_off, lse_off, w_off;  // element offsets of the row's start
   int64_t lo, hi;  // keys [lo, hi) survive causal/window/kv_lengths
   int64_t diag;    // the row's diagonal key (alignment)
+  bool padding;    // a row at or beyond its q_lengths: output 0 and lse -inf, whatever else
   double slope;    // ALiBi slope (0 when absent)
   double sink;     // attention-sink logit (-inf when absent: exp(-inf) adds nothing)
   // Distance from the diagonal to the nearest surviving key. The kernel adds slope * near to the
@@ -60,7 +61,6 @@ inline X per_head(const Problem& p, const OuterOffsets& o, Operand which, int64_
 // Fills rows[0, nr) for query rows [t0, t0 + nr) of the (G x L) row space.
 inline void describe_rows(const Problem& p, const OuterOffsets& o, int64_t t0, int64_t nr,
                           RowInfo* rows) {
-  const int64_t shift = p.opt.alignment == Alignment::bottom_right ? p.S - p.L : 0;
   const Operand mask = p.has(Operand::bool_mask) ? Operand::bool_mask : Operand::float_mask;
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t t = t0 + r, g = t / p.L, i = t % p.L;
@@ -70,13 +70,17 @@ inline void describe_rows(const Problem& p, const OuterOffsets& o, int64_t t0, i
     ri.mask_off = row_offset(p, o, mask, g, i);
     ri.lse_off = row_offset(p, o, Operand::lse, g, i);
     ri.w_off = row_offset(p, o, Operand::weights, g, i);
-    ri.diag = i + shift;
-    int64_t lo = 0, hi = p.S;
+    const int64_t len_k =
+        p.has(Operand::kv_lengths) ? per_head<int64_t>(p, o, Operand::kv_lengths, g) : p.S;
+    const int64_t len_q =
+        p.has(Operand::q_lengths) ? per_head<int64_t>(p, o, Operand::q_lengths, g) : p.L;
+    ri.padding = i >= len_q;
+    ri.diag = i + (p.opt.alignment == Alignment::bottom_right ? len_k - len_q : 0);
+    int64_t lo = 0, hi = std::min(p.S, len_k);
     if (p.opt.causal) hi = std::min(hi, ri.diag + 1);
     if (p.opt.window_left != kUnbounded) lo = std::max(lo, ri.diag - p.opt.window_left);
     if (p.opt.window_right != kUnbounded) hi = std::min(hi, ri.diag + p.opt.window_right + 1);
-    if (p.has(Operand::kv_lengths))
-      hi = std::min(hi, per_head<int64_t>(p, o, Operand::kv_lengths, g));
+    if (ri.padding) hi = lo;  // a padding row attends nothing
     ri.lo = std::max<int64_t>(lo, 0);
     ri.hi = std::max(std::min(hi, p.S), ri.lo);
     ri.near = ri.diag < ri.lo ? ri.lo - ri.diag : ri.diag >= ri.hi ? ri.diag - (ri.hi - 1) : 0;
