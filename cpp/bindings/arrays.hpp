@@ -86,7 +86,8 @@ inline bool nested_layout(const py::array& a) {
 }
 
 // The view of `a`, shaped (batch..., core...) with `core` trailing dims (0, 1 or 2). A dim of size
-// 1 gets stride 0, so that the kernel may step along it like a broadcast dim.
+// 1 keeps its stride if NumPy's is a whole number of items (a packed call's starts step along it
+// even when a sequence has one row), else gets 0: only its index 0 is ever read.
 inline sdpa::View make_view(const py::array& a, const char* name, int nbatch, int core) {
   if (a.ndim() != nbatch + core)
     throw std::invalid_argument(std::string(name) + ": unexpected number of dims");
@@ -94,8 +95,8 @@ inline sdpa::View make_view(const py::array& a, const char* name, int nbatch, in
   sdpa::View v;
   v.data = a.data();
   auto elem = [&](py::ssize_t d) -> int64_t {
-    if (a.shape(d) == 1) return 0;
     const py::ssize_t s = a.strides(d);
+    if (a.shape(d) == 1) return s % itemsize == 0 ? static_cast<int64_t>(s / itemsize) : 0;
     if (s % itemsize != 0)
       throw std::invalid_argument(std::string(name) + ": stride not a multiple of the item size");
     return static_cast<int64_t>(s / itemsize);

@@ -18,6 +18,7 @@ except ImportError as e:  # pragma: no cover - depends on how the package was in
 from . import reference
 from ._config import get_num_threads, set_num_threads, show_config
 from ._merge import merge_attention
+from ._varlen import varlen_attention
 from ._version import __version__
 from .api import attention_weights, scaled_dot_product_attention
 
@@ -30,6 +31,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "set_num_threads",
     "show_config",
+    "varlen_attention",
 ]
 
 

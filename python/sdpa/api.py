@@ -211,16 +211,19 @@ _F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _precision(call: _Call) -> np.dtype:
+    return _precision_of(call.opts, call.dtype)
+
+
+def _precision_of(o: Options, dtype: np.dtype) -> np.dtype:
     """The storage type the kernel computes in: the result's, unless a scale, softcap or ALiBi
     slope lies beyond float32's range, which only float64 can carry (float16, bfloat16 and
     float32 compute in float32); then the operands are converted to float64 and back."""
-    o = call.opts
     huge = [abs(o.scale) if o.scale is not None else 0.0, o.softcap or 0.0]
     if o.softcap is not None and o.softcap * _F32_MAX < 1:  # (its inverse would overflow)
         huge.append(np.inf)
     if o.alibi_slopes is not None and o.alibi_slopes.size:
         huge.append(float(np.max(np.abs(o.alibi_slopes))))
-    return np.dtype(np.float64) if max(huge) > _F32_MAX else call.dtype
+    return np.dtype(np.float64) if max(huge) > _F32_MAX else np.dtype(dtype)
 
 
 def _native(a: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -14,7 +14,7 @@ namespace sdpa {
 
 // Bumped whenever Problem, Plan or KernelTable change layout; the driver refuses a kernel
 // module built against another version.
-constexpr int kAbiVersion = 8;
+constexpr int kAbiVersion = 9;
 
 // Leading (batch) dims after broadcasting. The last batch dim is always the GQA group dim G:
 // query heads that share one key/value head (G = 1 without GQA; K/V have stride 0 along it).
@@ -53,6 +53,8 @@ enum class Operand : int {
   kv_lengths,    // per head: int64 count of keys that exist
   sinks,         // per head: float64 logit added to the softmax denominator, with no value
   q_lengths,     // per head: int64 count of query rows that exist (the others are padding)
+  q_starts,      // per head: int64 row where the sequence starts in the packed query-side arrays
+  kv_starts,     // per head: int64 row where the sequence starts in the packed key-side arrays
   kCount
 };
 constexpr int kOperandCount = static_cast<int>(Operand::kCount);
@@ -81,7 +83,13 @@ constexpr OperandSpec kOperandSpecs[kOperandCount] = {
     {"kv_lengths", Axis::none, Axis::none, Elem::i64, false, false},
     {"sinks", Axis::none, Axis::none, Elem::f64, false, false},
     {"q_lengths", Axis::none, Axis::none, Elem::i64, false, false},
+    {"q_starts", Axis::none, Axis::none, Elem::i64, false, false},
+    {"kv_starts", Axis::none, Axis::none, Elem::i64, false, false},
 };
+// A call with q_starts is packed (varlen): each outer index is a sequence whose rows start at its
+// q_starts / kv_starts row of the query-side (query, out, lse) and key-side (key, value) arrays,
+// so the rows past its q_lengths / kv_lengths belong to the next sequence: they are never read
+// or written (a padded call writes 0 and -inf to its padding rows).
 
 // Where the diagonal of the L x S score matrix sits: query i's diagonal key is i (top_left) or
 // i + len_k - len_q (bottom_right), len_k and len_q being the row's kv_lengths and q_lengths

@@ -65,10 +65,10 @@ Features features_of(const Problem& p) {
 // The panel path computes plain scores and removes keys by per-row ranges only (causal, window,
 // kv_lengths): no per-score modifier (masks, ALiBi, softcap) and no weights pass. Sinks are folded
 // in when a row is written (write_row), which every path shares.
-constexpr Features kPanelsHonour = bit(Operand::query) | bit(Operand::key) | bit(Operand::value) |
-                                   bit(Operand::out) | bit(Operand::lse) |
-                                   bit(Operand::kv_lengths) | bit(Operand::q_lengths) |
-                                   bit(Operand::sinks) | kCausal | kWindow | kBottomRight;
+constexpr Features kPanelsHonour =
+    bit(Operand::query) | bit(Operand::key) | bit(Operand::value) | bit(Operand::out) |
+    bit(Operand::lse) | bit(Operand::kv_lengths) | bit(Operand::q_lengths) | bit(Operand::sinks) |
+    bit(Operand::q_starts) | bit(Operand::kv_starts) | kCausal | kWindow | kBottomRight;
 // The few-row and general paths apply every modifier to their score block.
 constexpr Features kBlocksHonour = ~Features{0};
 
@@ -119,6 +119,7 @@ struct Kernel {
     }
     // Row r's accumulator (Ev values) to the output, or to its partial record under split-K.
     auto finish = [&](int64_t r, const T* acc_row) {
+      if (ws.rows[r].absent) return;  // (not in memory: a packed call's padding row)
       if (plan.n_splits == 1) return write_row(p, ws.rows[r], acc_row, ws.m[r], ws.l[r]);
       const int64_t tile_index = it.outer * plan.n_row_tiles + it.tile;
       T* rec = static_cast<T*>(plan.partials) +
@@ -147,8 +148,13 @@ struct Kernel {
     // Q_tile (nr x E) = scale * q rows, in T.
     const auto* q = static_cast<const Store*>(p.view(Operand::query).data);
     const int64_t qcs = p.view(Operand::query).col_stride;
-    for (int64_t r = 0; r < nr; ++r)
-      convert_row<T>(ws.Qs + r * p.E, 1, q + ws.rows[r].q_off, qcs, p.E, T(p.opt.scale));
+    for (int64_t r = 0; r < nr; ++r) {
+      T* dst = ws.Qs + r * p.E;
+      if (ws.rows[r].absent)  // (a packed call's padding row: the next sequence's memory)
+        std::fill(dst, dst + p.E, T(0));
+      else
+        convert_row<T>(dst, 1, q + ws.rows[r].q_off, qcs, p.E, T(p.opt.scale));
+    }
     const ConstMatMap<T> Qtile(ws.Qs, nr, p.E, Eigen::OuterStride<>(p.E));
     MatMap<T> acc(ws.acc, nr, p.Ev, Eigen::OuterStride<>(p.Ev));
     acc.setZero();
@@ -496,9 +502,9 @@ struct Kernel {
         // Tr (kW x E) = the next kW rows (0 past the tile's last), then into lanes i0...
         for (int64_t i = 0; i < simd::kW; ++i) {
           T* dst = ws.Tr + i * p.E;
-          if (i0 + i < pr)
+          if (i0 + i < pr && !ws.rows[r0 + i0 + i].absent)
             convert_row<T>(dst, 1, q + ws.rows[r0 + i0 + i].q_off, qcs, p.E, T(p.opt.scale));
-          else
+          else  // (past the tile, or a packed call's padding row)
             std::fill(dst, dst + p.E, T(0));
         }
         panel::transpose_to_lanes(ws.Tr, p.E, p.E, qt + i0, ld);
@@ -659,7 +665,7 @@ struct Kernel {
           if (w != T(0)) acc += w * Eigen::Map<const RowVec<T>>(PartialRecord::acc(rec), p.Ev);
           softmax::end(st, w * PartialRecord::l(rec), m, l);
         }
-        write_row(p, ws.rows[r], ws.acc, m, l);
+        if (!ws.rows[r].absent) write_row(p, ws.rows[r], ws.acc, m, l);
       }
     }
   }

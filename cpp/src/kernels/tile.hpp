@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 
 #include "panel.hpp"
@@ -18,6 +19,13 @@ struct OuterOffsets {
   int64_t operator[](Operand o) const { return at[static_cast<int>(o)]; }
 };
 
+// The value of a per-head operand (alibi_slopes, kv_lengths, ...) for group member g.
+template <typename X>
+inline X per_head(const Problem& p, const OuterOffsets& o, Operand which, int64_t g) {
+  const View& v = p.view(which);
+  return static_cast<const X*>(v.data)[o[which] + g * v.batch_stride[p.nbatch - 1]];
+}
+
 inline OuterOffsets outer_offsets(const Problem& p, int64_t outer) {
   OuterOffsets o;
   for (int d = p.nbatch - 2; d >= 0; --d) {
@@ -26,6 +34,14 @@ inline OuterOffsets outer_offsets(const Problem& p, int64_t outer) {
     outer /= n;
     for (int k = 0; k < kOperandCount; ++k) o.at[k] += i * p.operand[k].batch_stride[d];
   }
+  // A packed sequence's rows start further down its arrays (the same row for the whole group).
+  auto start = [&](Operand starts, std::initializer_list<Operand> arrays) {
+    if (!p.has(starts)) return;
+    const int64_t row = per_head<int64_t>(p, o, starts, 0);
+    for (Operand a : arrays) o.at[static_cast<int>(a)] += row * p.view(a).row_stride;
+  };
+  start(Operand::q_starts, {Operand::query, Operand::out, Operand::lse});
+  start(Operand::kv_starts, {Operand::key, Operand::value});
   return o;
 }
 
@@ -35,6 +51,7 @@ struct RowInfo {
   int64_t lo, hi;  // keys [lo, hi) survive causal/window/kv_lengths
   int64_t diag;    // the row's diagonal key (alignment)
   bool padding;    // a row at or beyond its q_lengths: output 0 and lse -inf, whatever else
+  bool absent;     // a padding row of a packed call: not in memory, never read or written
   double slope;    // ALiBi slope (0 when absent)
   double sink;     // attention-sink logit (-inf when absent: exp(-inf) adds nothing)
   // Distance from the diagonal to the nearest surviving key. The kernel adds slope * near to the
@@ -49,13 +66,6 @@ inline int64_t row_offset(const Problem& p, const OuterOffsets& o, Operand which
                           int64_t i) {
   const View& v = p.view(which);
   return o[which] + g * v.batch_stride[p.nbatch - 1] + i * v.row_stride;
-}
-
-// The value of a per-head operand (alibi_slopes, kv_lengths) for group member g.
-template <typename X>
-inline X per_head(const Problem& p, const OuterOffsets& o, Operand which, int64_t g) {
-  const View& v = p.view(which);
-  return static_cast<const X*>(v.data)[o[which] + g * v.batch_stride[p.nbatch - 1]];
 }
 
 // Fills rows[0, nr) for query rows [t0, t0 + nr) of the (G x L) row space.
@@ -75,6 +85,7 @@ inline void describe_rows(const Problem& p, const OuterOffsets& o, int64_t t0, i
     const int64_t len_q =
         p.has(Operand::q_lengths) ? per_head<int64_t>(p, o, Operand::q_lengths, g) : p.L;
     ri.padding = i >= len_q;
+    ri.absent = ri.padding && p.has(Operand::q_starts);
     ri.diag = i + (p.opt.alignment == Alignment::bottom_right ? len_k - len_q : 0);
     int64_t lo = 0, hi = std::min(p.S, len_k);
     if (p.opt.causal) hi = std::min(hi, ri.diag + 1);

@@ -1,0 +1,185 @@
+"""Packed variable-length batches (FlashAttention's varlen layout), with no padding materialised."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from ._options import Options, takes_options
+from .api import _as_operand, _name, _native, _precision_of
+
+__all__ = ["varlen_attention"]
+
+# What a packed call does not take: its layout fixes GQA, the alignment and the lengths, and it
+# returns a new array.
+_EXCLUDED = ("enable_gqa", "out", "alignment", "kv_lengths", "q_lengths")
+
+
+@takes_options(exclude=_EXCLUDED)
+def varlen_attention(
+    query: Any,
+    key: Any,
+    value: Any,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    *,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    **options: Any,
+) -> Any:
+    """Attention over a batch of sequences of different lengths, packed one after another.
+
+    Sequence b holds query rows ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` and key/value rows
+    ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]``; it attends only its own keys, with FlashAttention's
+    per-sequence bottom-right diagonal: query i of a sequence with len_q queries and len_k keys
+    has diagonal ``i + len_k - len_q`` (for ``is_causal``, ``window`` and ``alibi_slopes``).
+    Nothing is padded or copied: the work is split over (sequence, head, query tile).
+
+    Parameters
+    ----------
+    query : array_like, shape (total_q, Hq, E)
+    key : array_like, shape (total_k, Hkv, E)
+    value : array_like, shape (total_k, Hkv, Ev)
+        Hq must be a multiple of Hkv (grouped-query attention: query head h reads key/value head
+        ``h // (Hq // Hkv)``). dtypes as in :func:`scaled_dot_product_attention`.
+    cu_seqlens_q, cu_seqlens_k : array_like of int, shape (batch + 1,)
+        Cumulative offsets: 0 first, non-decreasing, ``total_q`` / ``total_k`` last.
+    max_seqlen_q, max_seqlen_k : int, optional
+        Accepted for FlashAttention's signature; checked to be at least the longest sequence.
+    {options}
+
+    Returns
+    -------
+    out : ndarray, shape (total_q, Hq, Ev), or ``(out, lse)`` with `return_lse`, lse of shape
+    (total_q, Hq) (FlashAttention returns it as (Hq, total_q)).
+    """
+    opts = Options.parse(options, exclude=_EXCLUDED, where="varlen_attention")
+    q, k, v = _packed_operands(query, key, value)
+    starts_q, len_q = _offsets(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q)
+    starts_k, len_k = _offsets(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k)
+    if len(len_q) != len(len_k):
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences; got "
+            f"{len(len_q)} and {len(len_k)}"
+        )
+    out, lse = _run_packed(q, k, v, opts, (starts_q, len_q, starts_k, len_k))
+    return (out, lse) if opts.return_lse else out
+
+
+def _run_packed(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, opts: Options, seqs: tuple[np.ndarray, ...]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Lays the packed arrays out as (sequence, Hkv, G, rows) views and runs the kernel."""
+    starts_q, len_q, starts_k, len_k = seqs
+    dtype = np.result_type(q.dtype, k.dtype, v.dtype)
+    kernel_dtype = _precision_of(opts, dtype)
+    hq, hkv = q.shape[1], k.shape[1]
+    groups = hq // hkv if hkv else 1
+    batch = (len(len_q), hkv, groups)
+    L, S = int(len_q.max(initial=0)), int(len_k.max(initial=0))
+    out = np.empty(q.shape[:2] + (v.shape[2],), kernel_dtype)
+    acc = np.dtype(np.float64 if kernel_dtype == np.float64 else np.float32)
+    lse = np.empty(q.shape[:2], acc) if opts.return_lse else None
+    if out.size or (lse is not None and lse.size):
+        views = {
+            "query": _sequences(_native(q, kernel_dtype), batch, L),
+            "key": _sequences(_native(k, kernel_dtype), batch[:2] + (1,), S),
+            "value": _sequences(_native(v, kernel_dtype), batch[:2] + (1,), S),
+            "out": _sequences(out, batch, L),
+            "q_starts": _per_sequence(starts_q, batch),
+            "kv_starts": _per_sequence(starts_k, batch),
+            "q_lengths": _per_sequence(len_q, batch),
+            "kv_lengths": _per_sequence(len_k, batch),
+            **_per_head_options(opts, batch, hq),
+        }
+        if lse is not None:
+            views["lse"] = _sequences(lse[..., None], batch, L)[..., 0]
+        _core.attention(views, replace(opts, alignment="bottom_right", enable_gqa=groups > 1))
+    if kernel_dtype != dtype:
+        out = out.astype(dtype)
+        lse = None if lse is None else lse.astype(np.float64 if dtype == np.float64 else np.float32)
+    return out, lse
+
+
+def _packed_operands(query: Any, key: Any, value: Any) -> tuple[np.ndarray, ...]:
+    q, k, v = (_as_operand(x, n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
+    for name, a in (("query", q), ("key", k), ("value", v)):
+        if a.ndim != 3:
+            raise ValueError(f"{name} must have 3 dims (total, heads, features); got {a.shape}")
+    if k.shape[2] != q.shape[2] or v.shape[:2] != k.shape[:2]:
+        raise ValueError(
+            f"key must be (total_k, Hkv, E) and value (total_k, Hkv, Ev) with query "
+            f"(total_q, Hq, E); got query {q.shape}, key {k.shape}, value {v.shape}"
+        )
+    hq, hkv = q.shape[1], k.shape[1]
+    if (hq % hkv != 0) if hkv else hq != 0:
+        raise ValueError(
+            f"query heads (Hq={hq}) must be a multiple of key/value heads (Hkv={hkv}); got query "
+            f"{q.shape}, key {k.shape}"
+        )
+    try:
+        ok = _name(np.result_type(q.dtype, k.dtype, v.dtype)) in _core.dtypes
+    except TypeError:  # e.g. float16 with bfloat16
+        ok = False
+    if not ok:
+        raise TypeError(
+            f"query, key and value ({q.dtype}, {k.dtype}, {v.dtype}) have no common dtype sdpa "
+            f"computes (float16, bfloat16, float32 or float64)"
+        )
+    return q, k, v
+
+
+def _offsets(cu: Any, name: str, total: int, max_seqlen: int | None) -> tuple[np.ndarray, ...]:
+    """(starts, lengths) of the sequences, from cumulative offsets that are checked."""
+    a = np.asarray(cu)
+    if a.dtype.kind not in "iu" or a.ndim != 1 or a.size < 1:
+        raise TypeError(f"{name} must be a 1-d int32 or int64 array; got {a.dtype} {a.shape}")
+    a = a.astype(np.int64)
+    lengths = np.diff(a)
+    if a[0] != 0 or np.any(lengths < 0) or a[-1] != total:
+        raise ValueError(
+            f"{name} must start at 0, never decrease and end at {total} (the rows given); got "
+            f"{a.tolist() if a.size <= 12 else a}"
+        )
+    if max_seqlen is not None and max_seqlen < lengths.max(initial=0):
+        raise ValueError(
+            f"max_seqlen for {name} is {max_seqlen}, below its longest sequence ({lengths.max()})"
+        )
+    return a[:-1], lengths
+
+
+def _sequences(a: np.ndarray, batch: tuple[int, int, int], rows: int) -> np.ndarray:
+    """A packed (total, H, ...) array as a (sequences, Hkv, G, rows, ...) view whose sequences
+    all start at row 0: the kernel adds each one's start (q_starts, kv_starts)."""
+    n, hkv, g = batch
+    row, head = a.strides[:2]
+    shape = (n, hkv, g, rows) + a.shape[2:]
+    strides = (0, g * head, head, row) + a.strides[2:]
+    return np.lib.stride_tricks.as_strided(a, shape, strides, writeable=a.flags.writeable)
+
+
+def _per_sequence(values: np.ndarray, batch: tuple[int, int, int]) -> np.ndarray:
+    return np.broadcast_to(values.astype(np.int64)[:, None, None], batch)
+
+
+def _per_head_options(opts: Options, batch: tuple[int, int, int], hq: int) -> dict[str, Any]:
+    """alibi_slopes and sinks, given per query head (Hq,) or per (batch, Hq), laid out by
+    (sequence, Hkv, G)."""
+    arrays = {}
+    for name in ("alibi_slopes", "sinks"):
+        a = getattr(opts, name)
+        if a is None:
+            continue
+        try:
+            a = np.broadcast_to(a.astype(np.float64), (batch[0], hq))
+        except ValueError:
+            raise ValueError(
+                f"{name} of shape {a.shape} must broadcast to (batch, Hq) = ({batch[0]}, {hq})"
+            ) from None
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} must be finite")
+        arrays[name] = a.reshape(batch)
+    return arrays
