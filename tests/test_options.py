@@ -45,6 +45,8 @@ def option_values(L, S):
             "return_lse": True,
         },
         "sinks": {"sinks": np.array([0.5, -1.0, 2.0, 1.0]), "return_lse": True},
+        "q_offset": {"q_offset": np.array([[3], [S]]), "is_causal": True, "window": (40, None)},
+        "kv_offset": {"kv_offset": np.array([[2], [0]]), "is_causal": True, "alibi_slopes": 0.1},
         "return_lse": {"return_lse": True},
     }
 

@@ -221,6 +221,20 @@ gpt-oss): adds ``exp(sink)`` to each row's softmax denominator without contribut
 Not scaled, capped or biased. The lse includes it: ``log(exp(sink) + sum_j exp(s_j))``; a row
 with no key gets output 0 and lse = sink.""",
     )
+    q_offset: np.ndarray | None = _option(
+        None,
+        PerHead(np.int64),
+        """Integer array broadcastable to ``query.shape[:-2]``: the position of query row 0, for
+a call over a chunk of a longer sequence. Causal, windows and ALiBi compare positions, so query i
+at ``q_offset + i`` and key j at ``kv_offset + j`` relate as in the full call: its diagonal is
+``i + q_offset - kv_offset`` (plus ``len_k - len_q`` with ``alignment="bottom_right"``).""",
+    )
+    kv_offset: np.ndarray | None = _option(
+        None,
+        PerHead(np.int64),
+        """Integer array broadcastable to ``query.shape[:-2]``: the position of key row 0 (see
+`q_offset`).""",
+    )
     return_lse: bool = _option(
         False,
         _flag,

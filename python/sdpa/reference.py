@@ -61,6 +61,11 @@ def _scores(query, key, attn_mask, o: Options):
         raise ValueError(f"kv_lengths must lie in [0, {S}] and q_lengths in [0, {L}]")
     # diag(i) = i + len_k - len_q for "bottom_right" (FlashAttention's rule for ragged batches)
     offset = (len_k - len_q)[..., None, None] if o.alignment == "bottom_right" else 0
+    # positions: query i at q_offset + i, key j at kv_offset + j (a chunk of longer sequences)
+    if o.q_offset is not None:
+        offset = offset + np.broadcast_to(o.q_offset, heads)[..., None, None]
+    if o.kv_offset is not None:
+        offset = offset - np.broadcast_to(o.kv_offset, heads)[..., None, None]
     # rel[..., i, j] = j - diag(i): where key j sits relative to query i's diagonal key.
     rel = np.arange(S)[None, :] - (np.arange(L)[:, None] + offset)
 

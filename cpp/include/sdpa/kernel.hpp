@@ -14,7 +14,7 @@ namespace sdpa {
 
 // Bumped whenever Problem, Plan or KernelTable change layout; the driver refuses a kernel
 // module built against another version.
-constexpr int kAbiVersion = 9;
+constexpr int kAbiVersion = 10;
 
 // Leading (batch) dims after broadcasting. The last batch dim is always the GQA group dim G:
 // query heads that share one key/value head (G = 1 without GQA; K/V have stride 0 along it).
@@ -55,6 +55,8 @@ enum class Operand : int {
   q_lengths,     // per head: int64 count of query rows that exist (the others are padding)
   q_starts,      // per head: int64 row where the sequence starts in the packed query-side arrays
   kv_starts,     // per head: int64 row where the sequence starts in the packed key-side arrays
+  q_offset,      // per head: int64 position of query row 0 (a chunk of a longer sequence)
+  kv_offset,     // per head: int64 position of key row 0
   kCount
 };
 constexpr int kOperandCount = static_cast<int>(Operand::kCount);
@@ -85,6 +87,8 @@ constexpr OperandSpec kOperandSpecs[kOperandCount] = {
     {"q_lengths", Axis::none, Axis::none, Elem::i64, false, false},
     {"q_starts", Axis::none, Axis::none, Elem::i64, false, false},
     {"kv_starts", Axis::none, Axis::none, Elem::i64, false, false},
+    {"q_offset", Axis::none, Axis::none, Elem::i64, false, false},
+    {"kv_offset", Axis::none, Axis::none, Elem::i64, false, false},
 };
 // A call with q_starts is packed (varlen): each outer index is a sequence whose rows start at its
 // q_starts / kv_starts row of the query-side (query, out, lse) and key-side (key, value) arrays,
@@ -93,7 +97,8 @@ constexpr OperandSpec kOperandSpecs[kOperandCount] = {
 
 // Where the diagonal of the L x S score matrix sits: query i's diagonal key is i (top_left) or
 // i + len_k - len_q (bottom_right), len_k and len_q being the row's kv_lengths and q_lengths
-// (S and L when absent): FlashAttention's rule for ragged batches.
+// (S and L when absent): FlashAttention's rule for ragged batches. q_offset - kv_offset is added
+// to either (the positions of a chunk's first query and key in the full sequences).
 enum class Alignment : int { top_left = 0, bottom_right = 1 };
 constexpr const char* kAlignmentNames[] = {"top_left", "bottom_right"};
 

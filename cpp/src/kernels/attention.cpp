@@ -68,7 +68,8 @@ Features features_of(const Problem& p) {
 constexpr Features kPanelsHonour =
     bit(Operand::query) | bit(Operand::key) | bit(Operand::value) | bit(Operand::out) |
     bit(Operand::lse) | bit(Operand::kv_lengths) | bit(Operand::q_lengths) | bit(Operand::sinks) |
-    bit(Operand::q_starts) | bit(Operand::kv_starts) | kCausal | kWindow | kBottomRight;
+    bit(Operand::q_starts) | bit(Operand::kv_starts) | bit(Operand::q_offset) |
+    bit(Operand::kv_offset) | kCausal | kWindow | kBottomRight;
 // The few-row and general paths apply every modifier to their score block.
 constexpr Features kBlocksHonour = ~Features{0};
 

@@ -87,6 +87,8 @@ inline void describe_rows(const Problem& p, const OuterOffsets& o, int64_t t0, i
     ri.padding = i >= len_q;
     ri.absent = ri.padding && p.has(Operand::q_starts);
     ri.diag = i + (p.opt.alignment == Alignment::bottom_right ? len_k - len_q : 0);
+    if (p.has(Operand::q_offset)) ri.diag += per_head<int64_t>(p, o, Operand::q_offset, g);
+    if (p.has(Operand::kv_offset)) ri.diag -= per_head<int64_t>(p, o, Operand::kv_offset, g);
     int64_t lo = 0, hi = std::min(p.S, len_k);
     if (p.opt.causal) hi = std::min(hi, ri.diag + 1);
     if (p.opt.window_left != kUnbounded) lo = std::max(lo, ri.diag - p.opt.window_left);
