@@ -16,13 +16,17 @@ except ImportError as e:  # pragma: no cover - depends on how the package was in
     ) from e
 
 from . import reference
+from ._cache import KVCache
 from ._config import get_num_threads, set_num_threads, show_config
+from ._layer import MultiheadAttention
 from ._merge import merge_attention
 from ._varlen import varlen_attention
 from ._version import __version__
 from .api import attention_weights, scaled_dot_product_attention
 
 __all__ = [
+    "KVCache",
+    "MultiheadAttention",
     "__version__",
     "attention_weights",
     "get_num_threads",

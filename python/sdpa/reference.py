@@ -26,7 +26,7 @@ import numpy as np
 
 from ._options import Options, takes_options
 
-__all__ = ["attention_weights", "scaled_dot_product_attention"]
+__all__ = ["attention_weights", "multi_head_attention", "scaled_dot_product_attention"]
 
 
 def _f64(x):
@@ -171,3 +171,47 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, **options: A
     if o.return_lse:
         return result, lse.astype(np.float64 if dtype == np.float64 else np.float32)
     return result
+
+
+def multi_head_attention(
+    query,
+    key=None,
+    value=None,
+    *,
+    w_q,
+    w_k,
+    w_v,
+    w_o,
+    b_q=None,
+    b_k=None,
+    b_v=None,
+    b_o=None,
+    num_heads,
+    num_kv_heads=None,
+    attn_mask=None,
+    **options: Any,
+):
+    """The attention layer written plainly, in float64: the judge of ``sdpa.MultiheadAttention``.
+
+    ``x @ w + b`` projections (self-attention when key and value are None), heads split by
+    reshaping the last dim into (heads, head_dim), :func:`scaled_dot_product_attention` (with
+    grouped-query heads when num_kv_heads < num_heads and every other option passed on), heads
+    merged back, then the output projection. Returns ``(..., T, embed_dim)``."""
+
+    def linear(x, w, b):
+        y = _f64(x) @ _f64(w)
+        return y if b is None else y + _f64(b)
+
+    def split(x, heads):
+        return np.moveaxis(x.reshape(x.shape[:-1] + (heads, x.shape[-1] // heads)), -2, -3)
+
+    x = _f64(query)
+    kx = x if key is None else key
+    vx = x if value is None else value
+    hkv = num_heads if num_kv_heads is None else num_kv_heads
+    q = split(linear(x, w_q, b_q), num_heads)
+    k = split(linear(kx, w_k, b_k), hkv)
+    v = split(linear(vx, w_v, b_v), hkv)
+    out = scaled_dot_product_attention(q, k, v, attn_mask, enable_gqa=hkv != num_heads, **options)
+    merged = np.moveaxis(out, -3, -2)
+    return linear(merged.reshape(merged.shape[:-2] + (-1,)), w_o, b_o)
