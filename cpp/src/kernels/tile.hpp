@@ -131,7 +131,7 @@ inline bool all_attend(const RowInfo* rows, int64_t n, int64_t a, int64_t b) {
 // counts the bytes they take.
 class Arena {
  public:
-  static constexpr size_t kAlign = 64;
+  static constexpr size_t kAlign = 64;  // a cache line, and an AVX-512 register: aligned loads
   explicit Arena(void* buffer)
       : next_(buffer ? (reinterpret_cast<uintptr_t>(buffer) + kAlign - 1) / kAlign * kAlign : 0) {}
   template <typename X>
