@@ -75,6 +75,8 @@ def test_overflow_and_bad_calls(rng):
         cache.append(tokens(rng, 1, 2, 1), tokens(rng, 1, 2, 1), lengths=np.array([2]))
     with pytest.raises(TypeError, match="sets kv_lengths itself"):
         cache.attend(tokens(rng, 1, 2, 1), kv_lengths=1)
+    with pytest.raises(ValueError, match="q_lengths must be 1 ints, one per sequence"):
+        cache.attend(tokens(rng, 1, 2, 1), q_lengths=2)
     rolling = sdpa.KVCache(1, 2, 8, 16, window=4)
     with pytest.raises(ValueError, match="would miss dropped ones"):
         rolling.attend(tokens(rng, 1, 2, 1), window=(10, 0))

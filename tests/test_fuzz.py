@@ -62,7 +62,7 @@ def draw_shapes(rng):
 def draw_options(rng, q_batch, L, S):
     heads = [q_batch, q_batch[-1:] if q_batch else (), ()]
     per_head = lambda: heads[int(rng.integers(0, len(heads)))]  # noqa: E731
-    side = lambda: None if rng.random() < 0.3 else int(rng.integers(0, max(2, S // 2)))  # noqa: E731
+    side = lambda: None if rng.random() < 0.3 else int(rng.integers(0, S + L + 50))  # noqa: E731
     options = {
         "is_causal": bool(rng.random() < 0.4),
         "alignment": str(rng.choice(["top_left", "bottom_right"])),
@@ -80,6 +80,12 @@ def draw_options(rng, q_batch, L, S):
         options["sinks"] = rng.normal(0, 2, per_head())
     if rng.random() < 0.3:
         options["scale"] = float(rng.uniform(-1, 1))
+    if rng.random() < 0.2:
+        options["q_lengths"] = rng.integers(0, L + 1, per_head())
+    if rng.random() < 0.2:
+        options["q_offset"] = rng.integers(-S, S + 1, per_head())
+    if rng.random() < 0.2:
+        options["kv_offset"] = rng.integers(-S, S + 1, per_head())
     return options
 
 

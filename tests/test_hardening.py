@@ -174,3 +174,53 @@ def test_the_running_sums_do_not_drift_over_long_key_ranges(rows):
     out, lse = attention(q, k, v, return_lse=True)
     np.testing.assert_allclose(out, 3.0, rtol=1e-6)
     np.testing.assert_allclose(lse, np.log(S) + 1.0, rtol=1e-6)
+
+
+def test_a_scale_that_makes_the_query_overflow_float32(rng):
+    q = np.full((1, 2, 8), 4, np.float32)  # 4 * 1e38 is beyond float32, the scores are not
+    k = (rng.standard_normal((1, 3, 8)) * 1e-6).astype(np.float32)
+    v = rng.standard_normal((1, 3, 4)).astype(np.float32)
+    out, lse = attention(q, k, v, scale=1e38, return_lse=True)
+    ref, ref_lse = sdpa.reference.scaled_dot_product_attention(
+        *(a.astype(np.float64) for a in (q, k, v)), scale=1e38, return_lse=True
+    )
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-6)
+
+
+def test_a_plus_inf_score_with_a_sink_gives_lse_plus_inf():
+    q = np.full((1, 1, 2), np.inf)
+    k = np.ones((1, 3, 2))
+    out, lse = attention(q, k, k, sinks=np.array([0.5]), return_lse=True)
+    ref_out, ref_lse = sdpa.reference.scaled_dot_product_attention(
+        q, k, k, sinks=np.array([0.5]), return_lse=True
+    )
+    assert lse[0, 0] == np.inf and ref_lse[0, 0] == np.inf
+    assert np.isnan(out).all() and np.isnan(ref_out).all()
+
+
+def test_a_signal_handler_may_call_sdpa_during_a_long_call(rng):
+    import signal
+
+    q = rng.standard_normal((1, 16384, 64)).astype(np.float32)  # ~0.1-0.3 s on one thread
+    small = rng.standard_normal((2, 64, 16)).astype(np.float32)
+    before = sdpa.get_num_threads()
+    inner = []
+
+    def handler(signum, frame):
+        inner.append(attention(small, small, small, is_causal=True))
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        sdpa.set_num_threads(1)  # one thread, so the result is bitwise reproducible
+        quiet = attention(q, q, q, is_causal=True)
+        signal.setitimer(signal.ITIMER_REAL, 0.03, 0.03)
+        busy = attention(q, q, q, is_causal=True)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, previous)
+        sdpa.set_num_threads(before)
+    assert inner, "the handler never ran during the call"
+    np.testing.assert_array_equal(busy, quiet)  # the inner calls did not touch its scratch
+    want = sdpa.reference.scaled_dot_product_attention(small, small, small, is_causal=True)
+    np.testing.assert_allclose(inner[0], want, rtol=1e-5, atol=1e-6)

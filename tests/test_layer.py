@@ -154,3 +154,23 @@ def test_matches_torch_multihead_attention(rng):
         exported = layer.state_dict()
         for name, value in mha.state_dict().items():
             np.testing.assert_allclose(exported[name], value.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_cache_with_padded_queries_holds_only_real_tokens(rng):
+    layer = sdpa.MultiheadAttention(8, 2, rng=0, dtype=np.float64)
+    cache = sdpa.KVCache(2, 2, 16, 4, dtype=np.float64)
+    x = rng.standard_normal((2, 4, 8))
+    out = layer(x, cache=cache, is_causal=True, q_lengths=np.array([[2], [4]]))
+    assert cache.lengths.tolist() == [2, 4]
+    alone = layer(x[:1, :2], is_causal=True)
+    np.testing.assert_allclose(out[0, :2], alone[0], rtol=1e-12, atol=1e-12)
+    assert np.all(out[0, 2:] == layer.b_o)  # padding rows: zero attention, then the output bias
+
+
+def test_batch_dims_broadcast_between_query_and_keys(rng):
+    layer = sdpa.MultiheadAttention(8, 2, rng=rng)
+    x = rng.standard_normal((1, 3, 8)).astype(np.float32)
+    kv = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    out = layer(x, kv, kv)
+    assert out.shape == (2, 3, 8)
+    assert_matches_reference(out, judge(layer, x, kv, kv), np.float32)

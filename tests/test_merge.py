@@ -76,3 +76,11 @@ def test_bad_chunk_lists_are_value_errors():
         sdpa.merge_attention([], [])
     with pytest.raises(ValueError, match=r"lses\[0\] of shape \(2,\) must be"):
         sdpa.merge_attention([o], [np.zeros(2)])
+
+
+def test_bad_sinks_are_value_errors_naming_them(rng):
+    o, x = np.zeros((2, 3, 4)), np.zeros((2, 3))
+    with pytest.raises(ValueError, match=r"sinks of shape \(5,\) must broadcast"):
+        sdpa.merge_attention([o], [x], sinks=np.zeros(5))
+    with pytest.raises(ValueError, match="sinks must be finite"):
+        sdpa.merge_attention([o], [x], sinks=np.inf)

@@ -15,6 +15,8 @@ VARIANTS = {
         "alibi_slopes": np.array([0.2, 0.05]),
     },
     "causal-softcap": {"is_causal": True, "softcap": 4.0},
+    # wider than a chunk's L + S (96): such a side once became "unbounded" whatever the offsets
+    "wide-window": {"is_causal": True, "window": (100, 0)},
 }
 
 
@@ -74,3 +76,19 @@ def test_offsets_must_be_integers():
     q = np.ones((1, 3, 4), np.float32)
     with pytest.raises(TypeError, match="q_offset must have an integer dtype"):
         sdpa.scaled_dot_product_attention(q, q, q, q_offset=np.array([1.5]))
+
+
+def test_offsets_with_a_window_wider_than_the_chunk(rng):
+    q = rng.standard_normal((1, 4, 8))
+    k = rng.standard_normal((1, 6, 8))
+    kwargs = dict(q_offset=np.array([100]), window=(20, None))  # every key is > 20 positions away
+    got = sdpa.scaled_dot_product_attention(q, k, k, return_lse=True, **kwargs)
+    want = sdpa.reference.scaled_dot_product_attention(q, k, k, return_lse=True, **kwargs)
+    assert np.all(got[0] == 0) and np.all(want[0] == 0) and np.all(got[1] == -np.inf)
+
+
+@pytest.mark.parametrize("bad", [2**62, -(2**49)])
+def test_offsets_stay_within_2_48(bad):
+    q = np.ones((1, 3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"q_offset must lie within \+-2\*\*48"):
+        sdpa.scaled_dot_product_attention(q, q, q, q_offset=np.array([bad]))

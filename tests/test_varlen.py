@@ -134,3 +134,29 @@ def test_the_work_is_split_over_sequences_heads_and_tiles(rng):
         sdpa.set_num_threads(before)
     np.testing.assert_array_equal(one, two)
     assert "q_starts" in _core.operands
+
+
+def test_offsets_and_huge_windows_reach_the_kernel(rng):
+    q, k, v, cu_q, cu_k = packed(rng, [3, 40], [20, 60])
+    kwargs = dict(is_causal=True, q_offset=np.array([-10, 0, 5, 7]), kv_offset=np.array([4]))
+    out = sdpa.varlen_attention(q, k, v, cu_q, cu_k, **kwargs)
+    want, _ = one_by_one(q, k, v, cu_q, cu_k, is_causal=True)  # (the judge below has offsets)
+    hq = q.shape[1]
+    for b in range(2):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        ref = sdpa.reference.scaled_dot_product_attention(
+            q[qs].swapaxes(0, 1), k[ks].swapaxes(0, 1), v[ks].swapaxes(0, 1), enable_gqa=True,
+            alignment="bottom_right", is_causal=True, q_offset=kwargs["q_offset"],
+            kv_offset=np.full(hq, 4),
+        )  # fmt: skip
+        assert_matches_reference(out[qs], ref.swapaxes(0, 1), np.float32)
+    assert not np.allclose(out, want)  # the offsets changed something
+    plain = sdpa.varlen_attention(q, k, v, cu_q, cu_k)
+    for window in ((None, 2**63 - 1), (2**63, 0), (2**63, None)):
+        wide = sdpa.varlen_attention(q, k, v, cu_q, cu_k, window=window)
+        want = (
+            plain
+            if window[1] is None or window[1] > 0
+            else sdpa.varlen_attention(q, k, v, cu_q, cu_k, is_causal=True)
+        )
+        np.testing.assert_allclose(wide, want, rtol=1e-6, atol=1e-6)

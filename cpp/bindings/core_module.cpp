@@ -7,7 +7,6 @@
 #include <pybind11/pybind11.h>
 
 #include <cmath>
-#include <limits>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -266,9 +265,9 @@ class Direct {
     for (int d = 0; d < nb_; ++d)
       if (k.shape(d) != q.shape(d) || v.shape(d) != q.shape(d)) return false;
     if (k.shape(nb_ + 1) != q.shape(nb_ + 1) || v.shape(nb_) != k.shape(nb_)) return false;
-    // (a scale beyond float's range needs float64 computation: the Python layer's to arrange)
-    if (*dtype != sdpa::DType::f64 && std::abs(scale_) > std::numeric_limits<float>::max())
-      return false;
+    // (a scale above 1 may make the float query overflow, which needs float64 computation:
+    // the Python layer checks it)
+    if (*dtype != sdpa::DType::f64 && std::abs(scale_) > 1) return false;
     p_.dtype = *dtype;
     p_.nbatch = nb_ + 1;  // plus the group dim G = 1
     for (int d = 0; d < nb_; ++d) p_.batch_shape[d] = q.shape(d);

@@ -58,16 +58,36 @@ std::atomic<int64_t> g_row_tile{0}, g_key_block{0};
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Per-thread scratch, grown on demand and kept for the thread's life. Thread-local rather than
-// indexed by worker id, so that concurrent calls from several Python threads never share it.
+// indexed by worker id, so that concurrent calls from several Python threads never share it; and
+// one buffer per depth of nested calls on the thread: a Python signal handler (run while the
+// calling thread polls for Ctrl-C) may itself call sdpa, inline, while the outer call's items
+// still use their scratch.
+thread_local int t_depth = 0;  // calls of run() active on this thread
+
+struct Buffer {
+  std::unique_ptr<char[]> data;
+  size_t cap = 0;
+};
+
 void* thread_scratch(size_t bytes) {
-  thread_local std::unique_ptr<char[]> buf;
-  thread_local size_t cap = 0;
-  if (bytes > cap) {
-    buf.reset(new char[bytes]);
-    cap = bytes;
+  thread_local std::vector<Buffer> buffers;
+  const size_t level = static_cast<size_t>(std::max(t_depth - 1, 0));
+  if (buffers.size() <= level) buffers.resize(level + 1);
+  Buffer& b = buffers[level];
+  if (bytes > b.cap) {
+    b.data.reset(new char[bytes]);
+    b.cap = bytes;
   }
-  return buf.get();
+  return b.data.get();
 }
+
+// Counts this thread's active calls for thread_scratch.
+struct Depth {
+  Depth() { ++t_depth; }
+  ~Depth() { --t_depth; }
+  Depth(const Depth&) = delete;
+  Depth& operator=(const Depth&) = delete;
+};
 
 // Split-K: how many key chunks each row tile's keys are cut into (a shape-only rule).
 void plan_splits(const Problem& p, Plan& plan) {
@@ -180,6 +200,7 @@ bool run(Problem& p, const Interrupt* interrupt) {
     throw std::invalid_argument("number of batch dims out of range");
   if (p.L < 0 || p.S < 0 || p.E < 0 || p.Ev < 0) throw std::invalid_argument("negative size");
   resolve(p);
+  const Depth depth;
   // Nothing to write: an empty output and no lse or weights (whatever L and S are).
   if (p.Ev == 0 && !p.has(Operand::lse) && !p.has(Operand::weights)) return true;
 

@@ -12,7 +12,7 @@ __all__ = ["KVCache"]
 
 # What attend() sets itself: the cache's keys are its own, each sequence's diagonal sits at its
 # own length, and its query rows are the newest tokens.
-_SET_BY_CACHE = ("kv_lengths", "alignment", "enable_gqa", "kv_offset")
+_SET_BY_CACHE = ("kv_lengths", "alignment", "enable_gqa")
 
 
 class KVCache:
@@ -158,7 +158,12 @@ class KVCache:
         self._apply_window(options)
         kwargs: dict[str, Any] = {"kv_lengths": self.lengths[:, None], "alignment": "bottom_right"}
         if q_lengths is not None:
-            kwargs["q_lengths"] = np.asarray(q_lengths)[:, None]
+            n = np.asarray(q_lengths)
+            if n.shape != self.lengths.shape or n.dtype.kind not in "iu":
+                raise ValueError(
+                    f"q_lengths must be {self.lengths.shape[0]} ints, one per sequence; got {n!r}"
+                )
+            kwargs["q_lengths"] = n[:, None]
         if q.shape[1] != self._k.shape[1]:
             kwargs["enable_gqa"] = True
         return scaled_dot_product_attention(q, self.keys(), self.values(), **kwargs, **options)

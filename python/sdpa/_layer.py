@@ -166,20 +166,16 @@ class MultiheadAttention:
         Options.parse(options, exclude=_LAYER_SETS, where="MultiheadAttention")
         q, k, v = self._project(query, key, value)
         if cache is not None:
-            if kv_lengths is not None or attn_mask is not None or "alignment" in variants:
-                raise ValueError(
-                    "with a cache, the queries attend what it holds, bottom-right aligned: no "
-                    "kv_lengths, attn_mask or alignment"
-                )
-            cache.append(k, v)
-            k, v = cache.keys(), cache.values()
-            options.update(kv_lengths=cache.lengths[:, None], alignment="bottom_right")
+            k, v = self._through_cache(cache, k, v, options, kv_lengths, attn_mask)
         elif kv_lengths is not None:
             options["kv_lengths"] = kv_lengths
         if self.num_heads != self.num_kv_heads:
             options["enable_gqa"] = True
         # The merged heads (..., T, H, D) are written through their (..., H, T, D) view: no copy.
-        merged = np.empty(q.shape[:-3] + (q.shape[-2], self.num_heads, v.shape[-1]), q.dtype)
+        batch = np.broadcast_shapes(
+            q.shape[:-3], k.shape[:-3], v.shape[:-3], _mask_batch(attn_mask)
+        )
+        merged = np.empty(batch + (q.shape[-2], self.num_heads, v.shape[-1]), q.dtype)
         scaled_dot_product_attention(q, k, v, attn_mask, out=np.swapaxes(merged, -2, -3), **options)
         out = merged.reshape(merged.shape[:-2] + (-1,)) @ self.w_o
         if self.b_o is not None:
@@ -188,6 +184,26 @@ class MultiheadAttention:
             return out
         options.pop("is_causal")
         return out, attention_weights(q, k, attn_mask=attn_mask, is_causal=is_causal, **options)
+
+    @staticmethod
+    def _through_cache(
+        cache: KVCache, k: np.ndarray, v: np.ndarray, options: dict[str, Any], kv_lengths: Any,
+        attn_mask: Any,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Appends the new keys and values (only each sequence's real ones, with q_lengths) and
+        returns the cache's; the queries then attend them bottom-right aligned."""
+        if kv_lengths is not None or attn_mask is not None or "alignment" in options:
+            raise ValueError(
+                "with a cache, the queries attend what it holds, bottom-right aligned: no "
+                "kv_lengths, attn_mask or alignment"
+            )
+        lengths = None
+        if options.get("q_lengths") is not None:
+            q_lengths = np.broadcast_to(np.asarray(options["q_lengths"]), k.shape[:-3] + (1,))
+            lengths = q_lengths.reshape(len(q_lengths), -1)[:, 0]  # (one per sequence)
+        cache.append(k, v, lengths=lengths)
+        options.update(kv_lengths=cache.lengths[:, None], alignment="bottom_right")
+        return cache.keys(), cache.values()
 
     def _project(self, query: Any, key: Any, value: Any) -> tuple[np.ndarray, ...]:
         """q (..., Hq, T, D), k and v (..., Hkv, S, D): projections split into heads as views."""
@@ -231,6 +247,12 @@ class MultiheadAttention:
     def _heads(self, x: np.ndarray, heads: int) -> np.ndarray:
         """(..., T, heads * D) -> (..., heads, T, D), a strided view."""
         return np.swapaxes(x.reshape(x.shape[:-1] + (heads, self.head_dim)), -2, -3)
+
+
+def _mask_batch(mask: Any) -> tuple[int, ...]:
+    """The dims of a mask (..., H, T, S) before the heads: they broadcast with the batch."""
+    shape = np.shape(mask) if mask is not None else ()
+    return tuple(shape[:-3]) if len(shape) > 3 else ()
 
 
 def _from_state(state: Mapping[str, Any], hq: int) -> dict[str, np.ndarray]:

@@ -54,7 +54,7 @@ def merge_attention(
         lse = np.stack(np.broadcast_arrays(*[x.astype(np.float64) for x in lses]))
         m = lse.max(axis=0)
         if sinks is not None:
-            sink = np.broadcast_to(np.asarray(sinks, np.float64)[..., None], m.shape)
+            sink = _sinks(sinks, m.shape)
             m = np.maximum(m, sink)
         m_safe = np.where(np.isfinite(m), m, 0.0)  # (no key anywhere: -inf; a +inf lse stays)
         w = np.exp(lse - m_safe)  # 0 for a chunk where the row has no key
@@ -66,3 +66,17 @@ def merge_attention(
         merged = np.where(has_key, m_safe + np.log(np.where(has_key, total, 1.0)), -np.inf)
         merged = np.where(m == np.inf, np.inf, merged)
     return out.astype(out_dtype), merged.astype(lse_dtype)
+
+
+def _sinks(sinks: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """The sinks, one per row of the lse (``(..., L)``), given per head (``lse.shape[:-1]``)."""
+    a = np.asarray(sinks, np.float64)
+    try:
+        a = np.broadcast_to(a[..., None], shape)
+    except ValueError:
+        raise ValueError(
+            f"sinks of shape {a.shape} must broadcast to the lse's shape without L, {shape[:-1]}"
+        ) from None
+    if not np.all(np.isfinite(a)):
+        raise ValueError("sinks must be finite")
+    return a

@@ -62,6 +62,13 @@ def _alignment(x: Any, name: str) -> str:
     return str(x)
 
 
+# Positions stay within +-2^48 (offsets are checked against it), so that the kernel's int64
+# arithmetic on a diagonal plus or minus a window side never overflows; a window side beyond
+# 2^52 removes nothing there and is clamped to it.
+POSITION_LIMIT = 2**48
+SIDE_LIMIT = 2**52
+
+
 def _side(x: Any, name: str) -> int | None:
     if x is None:
         return None
@@ -73,7 +80,7 @@ def _side(x: Any, name: str) -> int | None:
         raise TypeError(f"{name} must be an int or None; got {type(x).__name__}") from None
     if n < 0:
         raise ValueError(f"{name} must be >= 0 or None; got {n}")
-    return n
+    return min(n, SIDE_LIMIT)
 
 
 def _window(x: Any, name: str) -> tuple[int | None, int | None] | None:
@@ -132,6 +139,11 @@ def _key_count(a: np.ndarray, L: int, S: int, name: str) -> None:
 
 def _query_count(a: np.ndarray, L: int, S: int, name: str) -> None:
     _in_range(a, "L", L, name)
+
+
+def _position(a: np.ndarray, L: int, S: int, name: str) -> None:
+    if a.size and np.max(np.abs(a)) > POSITION_LIMIT:
+        raise ValueError(f"{name} must lie within +-2**48; got values up to {np.max(np.abs(a))}")
 
 
 def _option(
@@ -223,7 +235,7 @@ with no key gets output 0 and lse = sink.""",
     )
     q_offset: np.ndarray | None = _option(
         None,
-        PerHead(np.int64),
+        PerHead(np.int64, _position),
         """Integer array broadcastable to ``query.shape[:-2]``: the position of query row 0, for
 a call over a chunk of a longer sequence. Causal, windows and ALiBi compare positions, so query i
 at ``q_offset + i`` and key j at ``kv_offset + j`` relate as in the full call: its diagonal is
@@ -231,7 +243,7 @@ at ``q_offset + i`` and key j at ``kv_offset + j`` relate as in the full call: i
     )
     kv_offset: np.ndarray | None = _option(
         None,
-        PerHead(np.int64),
+        PerHead(np.int64, _position),
         """Integer array broadcastable to ``query.shape[:-2]``: the position of key row 0 (see
 `q_offset`).""",
     )

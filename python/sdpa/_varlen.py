@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._options import Options, takes_options
+from ._options import PER_HEAD, Options, takes_options
 from .api import _as_operand, _name, _native, _precision_of
 
 __all__ = ["varlen_attention"]
@@ -51,6 +51,9 @@ def varlen_attention(
         Accepted for FlashAttention's signature; checked to be at least the longest sequence.
     {options}
 
+    Here the per-head options (``alibi_slopes``, ``sinks``, ``q_offset``, ``kv_offset``) are
+    given per query head ``(Hq,)`` or per sequence and head ``(batch, Hq)``.
+
     Returns
     -------
     out : ndarray, shape (total_q, Hq, Ev), or ``(out, lse)`` with `return_lse`, lse of shape
@@ -75,7 +78,7 @@ def _run_packed(
     """Lays the packed arrays out as (sequence, Hkv, G, rows) views and runs the kernel."""
     starts_q, len_q, starts_k, len_k = seqs
     dtype = np.result_type(q.dtype, k.dtype, v.dtype)
-    kernel_dtype = _precision_of(opts, dtype)
+    kernel_dtype = _precision_of(opts, dtype, q)
     hq, hkv = q.shape[1], k.shape[1]
     groups = hq // hkv if hkv else 1
     batch = (len(len_q), hkv, groups)
@@ -166,20 +169,20 @@ def _per_sequence(values: np.ndarray, batch: tuple[int, int, int]) -> np.ndarray
 
 
 def _per_head_options(opts: Options, batch: tuple[int, int, int], hq: int) -> dict[str, Any]:
-    """alibi_slopes and sinks, given per query head (Hq,) or per (batch, Hq), laid out by
-    (sequence, Hkv, G)."""
+    """The per-head options (alibi_slopes, sinks, q_offset, kv_offset), given per query head
+    (Hq,) or per (batch, Hq), laid out by (sequence, Hkv, G) and checked as the functional API
+    checks them."""
     arrays = {}
-    for name in ("alibi_slopes", "sinks"):
+    for name, spec in PER_HEAD.items():
         a = getattr(opts, name)
-        if a is None:
+        if a is None or name in _EXCLUDED:
             continue
         try:
-            a = np.broadcast_to(a.astype(np.float64), (batch[0], hq))
+            a = np.broadcast_to(a.astype(spec.dtype), (batch[0], hq))
         except ValueError:
             raise ValueError(
                 f"{name} of shape {a.shape} must broadcast to (batch, Hq) = ({batch[0]}, {hq})"
             ) from None
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f"{name} must be finite")
+        spec.check(a, 0, 0, name)
         arrays[name] = a.reshape(batch)
     return arrays

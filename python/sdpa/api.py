@@ -10,7 +10,7 @@ binding only converts and the kernel only computes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -65,7 +65,8 @@ def scaled_dot_product_attention(
     -----
     Order: ``s = scale * q.k``; softcap; ``+ attn_mask`` (float); ``+ ALiBi``; then every boolean
     restriction (bool mask, causal, window, kv_lengths) removes keys. A query row left with no
-    key to attend to gets output 0 (never NaN) and lse -inf.
+    key to attend to gets output 0 (never NaN) and lse -inf (the sink, with ``sinks``); a padding
+    row (``q_lengths``) gets 0 and -inf whatever else.
     """
     if attn_mask is None:  # the direct route honours DIRECT options and declines the rest
         result = _core.attention_direct(query, key, value, options)
@@ -153,11 +154,6 @@ def _prepare(query: Any, key: Any, value: Any, attn_mask: Any, opts: Options) ->
     call.kernel_dtype = _precision(call)
     _mask(call, attn_mask)
     _layout(call)
-    if opts.window is not None:
-        # |j - diag(i)| < S + L always, so a wider side removes nothing: unbounded (this also
-        # keeps huge sides from overflowing the kernel's int64 arithmetic).
-        left, right = (None if s is None or s >= call.S + call.L else s for s in opts.window)
-        call.opts = replace(opts, window=(left, right))
     return call
 
 
@@ -211,14 +207,18 @@ _F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _precision(call: _Call) -> np.dtype:
-    return _precision_of(call.opts, call.dtype)
+    return _precision_of(call.opts, call.dtype, call.q)
 
 
-def _precision_of(o: Options, dtype: np.dtype) -> np.dtype:
+def _precision_of(o: Options, dtype: np.dtype, q: np.ndarray) -> np.dtype:
     """The storage type the kernel computes in: the result's, unless a scale, softcap or ALiBi
     slope lies beyond float32's range, which only float64 can carry (float16, bfloat16 and
-    float32 compute in float32); then the operands are converted to float64 and back."""
-    huge = [abs(o.scale) if o.scale is not None else 0.0, o.softcap or 0.0]
+    float32 compute in float32), or the scale makes a query overflow it (the kernel scales the
+    query first); then the operands are converted to float64 and back."""
+    scale = abs(o.scale) if o.scale is not None else 0.0
+    if scale > 1 and q.size:  # (the direct route leaves every such scale to this check)
+        scale *= float(np.max(np.abs(q)))
+    huge = [scale, o.softcap or 0.0]
     if o.softcap is not None and o.softcap * _F32_MAX < 1:  # (its inverse would overflow)
         huge.append(np.inf)
     if o.alibi_slopes is not None and o.alibi_slopes.size:

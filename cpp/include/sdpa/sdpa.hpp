@@ -48,7 +48,9 @@ struct Interrupt {
 
 // Computes one attention call, first resolving its defaults in `p` (scale NaN: the default).
 // Returns false if `interrupt` stopped it (the outputs then hold partial results). Throws
-// std::invalid_argument on an inconsistent Problem.
+// std::invalid_argument on a Problem whose sizes are inconsistent; it trusts the values of its
+// operands (lengths, starts, offsets, and that outputs do not alias inputs), which the Python
+// layer checks. A call made from within an interrupt's poll (a signal handler) runs inline.
 bool run(Problem& p, const Interrupt* interrupt = nullptr);
 
 // The inner path the first row tile of `p` takes (for tests and diagnostics).

@@ -418,8 +418,9 @@ struct Kernel {
         static_cast<double>(softmax::lse(m, l)) - ri.slope * static_cast<double>(ri.near);
     Finished f{static_cast<double>(softmax::out_factor(l)), lse_keys};
     if (ri.padding) return {0.0, -std::numeric_limits<double>::infinity()};
-    if (ri.sink != -std::numeric_limits<double>::infinity()) {
-      const double top = std::max(lse_keys, ri.sink);  // (NaN: top is the sink, f stays NaN)
+    if (ri.sink != -std::numeric_limits<double>::infinity() &&
+        lse_keys != std::numeric_limits<double>::infinity()) {  // (a +inf score: lse +inf)
+      const double top = std::max(lse_keys, ri.sink);           // (a NaN lse_keys makes f.lse NaN)
       f.lse = top + std::log(std::exp(lse_keys - top) + std::exp(ri.sink - top));
       f.factor *= std::exp(lse_keys - f.lse);  // the keys' share (0 for a row with no key)
     }
