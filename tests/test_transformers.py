@@ -308,6 +308,29 @@ def test_zero_copy_views_in_and_out(monkeypatch, dtype):
                                atol=1e-6 if dtype == torch.float32 else 1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize("sinks", [False, True])
+def test_gqa_decode_packs_the_query_heads_of_a_kv_head_into_rows(monkeypatch, sinks):
+    """One query token: the 3 query heads of each kv head become 3 query rows (views both
+    ways), as transformers' pack_gqa does for torch; not with per-head sinks."""
+    calls = spy(monkeypatch)
+    B, H, Hkv, S, D = 2, 6, 2, 9, 8
+    q = torch.randn(B, 1, H, D).transpose(1, 2)
+    k, v = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    mask = torch.rand(B, 1, 1, S) > 0.3
+    s_aux = torch.randn(H) if sinks else None
+    with torch.no_grad():
+        out, _ = sdpa_hf.attention_forward(torch.nn.Module(), q, k, v, mask, s_aux=s_aux)
+    (args, kwargs), = calls  # fmt: skip
+    assert address(args[0]) == q.data_ptr() and address(kwargs["out"]) == out.data_ptr()
+    packed = (B, Hkv, 3, D)
+    assert (args[0].shape == packed) != sinks and (kwargs["out"].shape == packed) != sinks
+    ref = sdpa.reference.scaled_dot_product_attention(
+        q.numpy(), k.numpy(), v.numpy(), mask.numpy(), enable_gqa=True,
+        sinks=None if s_aux is None else s_aux.numpy(),
+    )  # fmt: skip
+    close(out, torch.from_numpy(ref.astype(np.float32)).transpose(1, 2))
+
+
 def test_bfloat16_llama_matches_eager_within_bfloat16_rounding():
     model = llama().to(torch.bfloat16)
     ids, mask = left_padded(97, [9, 5])
