@@ -165,6 +165,20 @@ def test_bert_padded_batch(ref):
     close(ours, theirs, mask.bool())
 
 
+def test_right_padding_becomes_kv_lengths_and_left_padding_stays_a_mask(monkeypatch):
+    calls = spy(monkeypatch)
+    ids, mask = left_padded(97, [11, 6, 2])
+    run(bert(), NAME, input_ids=ids.flip(1), attention_mask=mask.flip(1))
+    assert len(calls) == 2  # one per layer
+    for args, kwargs in calls:
+        assert args[3] is None and kwargs["kv_lengths"].tolist() == [[11], [6], [2]]
+    calls.clear()
+    run(llama(), NAME, input_ids=ids, attention_mask=mask)  # causal and left-padded
+    for args, kwargs in calls:
+        assert args[3].dtype == bool and args[3].shape == (3, 1, 11, 11)
+        assert "kv_lengths" not in kwargs
+
+
 def test_bert_output_attentions_gives_the_probabilities():
     model = bert()
     ids, mask = left_padded(97, [9, 4])

@@ -15,7 +15,9 @@ on zero-copy NumPy views of the model's CPU tensors, and writes straight into th
   (True = attend), built by its ``sdpa_mask``, which :func:`register` registers under the same
   name. The window comes from the model's config through that mask: the cache decides the key
   positions (a static sliding-window cache is a rolling buffer), so the mask is the only safe
-  source. Rows left with no key (left-padded query positions) give 0, not NaN.
+  source. Rows left with no key (left-padded query positions) give 0, not NaN. A mask that
+  only pads keys on the right (a padded encoder batch) becomes ``kv_lengths``, so that the
+  kernel skips the padded key blocks.
 - **GQA / MQA**: ``enable_gqa`` when the key has fewer heads; no key or value is repeated.
 - **Sinks** (gpt-oss ``s_aux``): ``sinks=``, one unscaled logit per query head.
 - **Soft-capping** (Gemma 2 ``softcap``): ``softcap=``, applied before the mask, as in eager.
@@ -194,6 +196,19 @@ def _mask(torch: Any, mask: Any, bias: Any, dtype: Any) -> Any:
     return bias + _numpy(torch, mask.detach().to(dtype))
 
 
+def _key_lengths(mask: Any) -> Any:
+    """(B, 1) key counts when a bool (B, 1, Tq, Tk) mask only pads keys on the right (every row
+    is ``j < length``, as a padded encoder batch's is), else None. The kernel then skips the
+    padded key blocks instead of reading the mask: same result, less work."""
+    if mask is None or mask.dtype != np.bool_ or mask.ndim != 4 or mask.shape[1] != 1:
+        return None
+    row = mask[:, :, :1]
+    lengths = row.sum(axis=-1, dtype=np.int64)  # (B, 1, 1)
+    if not (row == (np.arange(mask.shape[-1]) < lengths[..., None])).all():
+        return None
+    return lengths[:, :, 0] if (mask == row).all() else None
+
+
 def _attend(torch: Any, query: Any, key: Any, value: Any, mask: Any, options: dict) -> Any:
     """Run the kernel on views of query/key/value; write a new (B, Tq, Hq, Dv) tensor."""
     (_, hq, tq, _), hkv = query.shape, key.shape[1]
@@ -289,6 +304,9 @@ def attention_forward(
     _check(torch, query, key, value, dropout)
     options = _options(torch, module, query, key, attention_mask, scaling, kwargs)
     mask = _mask(torch, attention_mask, kwargs.get("position_bias"), query.dtype)
+    lengths = _key_lengths(mask)
+    if lengths is not None:
+        options["kv_lengths"], mask = lengths, None
     run = functools.partial(_attend, torch, query, key, value, mask, options)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         out = _no_backward().apply(query, key, value, run)
