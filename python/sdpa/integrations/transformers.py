@@ -1,8 +1,10 @@
 """``sdpa`` as an attention backend of Hugging Face transformers (5.0 or newer).
 
->>> import sdpa.integrations.transformers as sdpa_hf          # doctest: +SKIP
->>> name = sdpa_hf.register()                                 # "sdpa_numpy"
->>> model = AutoModel.from_pretrained(path, attn_implementation=name)
+::
+
+    import sdpa.integrations.transformers as sdpa_hf
+    name = sdpa_hf.register()                                   # "sdpa_numpy"
+    model = AutoModel.from_pretrained(path, attn_implementation=name)
 
 Every attention call of the model then runs through :func:`sdpa.scaled_dot_product_attention`
 on zero-copy NumPy views of the model's CPU tensors, and writes straight into the
@@ -19,10 +21,14 @@ on zero-copy NumPy views of the model's CPU tensors, and writes straight into th
   only pads keys on the right (a padded encoder batch) becomes ``kv_lengths``, so that the
   kernel skips the padded key blocks.
 - **GQA / MQA**: ``enable_gqa`` when the key has fewer heads; no key or value is repeated.
+  For one query token (decode) the query heads of each key/value head become its query rows
+  (views both ways; transformers' ``pack_gqa``), which the kernel runs several times faster.
 - **Sinks** (gpt-oss ``s_aux``): ``sinks=``, one unscaled logit per query head.
 - **Soft-capping** (Gemma 2 ``softcap``): ``softcap=``, applied before the mask, as in eager.
 - **Relative position bias** (T5's ``position_bias``): an additive float mask.
 - **dtypes**: float32, float16, float64 and bfloat16 (read through ``ml_dtypes``, zero copy).
+- **output_attentions=True**: the probabilities from :func:`sdpa.attention_weights` (a second
+  pass over the scores).
 
 Not supported: dropout > 0 (``ValueError``: call ``model.eval()``) and gradients (the forward
 pass works with gradients enabled, ``backward`` raises ``RuntimeError``). Tensors must be on
