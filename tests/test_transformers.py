@@ -312,7 +312,8 @@ def test_zero_copy_views_in_and_out(monkeypatch, dtype):
         assert array.strides == tuple(s * tensor.element_size() for s in tensor.stride())
     assert address(kwargs["out"]) == out.data_ptr() and kwargs["out"].shape == (B, H, T, D)
     assert kwargs["enable_gqa"] and kwargs["is_causal"] and kwargs["scale"] == 0.3
-    # the values: float32 computation of the same (rounded) inputs, rounded once
+    # the values: float64 computation of the same (rounded) inputs, rounded once; bfloat16
+    # within one ulp (2^-7 relative)
     f32 = [t.float().numpy() for t in (q, k, v)]
     ref = sdpa.reference.scaled_dot_product_attention(
         *f32, is_causal=True, scale=0.3, enable_gqa=True
@@ -353,12 +354,13 @@ def test_bfloat16_llama_matches_eager_within_bfloat16_rounding():
     assert ours.dtype == torch.bfloat16
     keep = mask.bool()
     exact = run(model.float(), "eager", input_ids=ids, attention_mask=mask).logits
-    # eager rounds its bf16 matmuls; sdpa accumulates in float32 and rounds once: at least as
-    # close to the float32 model as eager, and within bf16 rounding of it
+    # Against the same weights in float32: every bf16 backend is off by the model's own bf16
+    # rounding (eager 2.5e-3, torch sdpa 2.6e-3, sdpa 3.1e-3 here, logits up to 0.54); sdpa
+    # must stay within 1.5x of eager's error and under 1e-2.
     ours_err = (ours.float() - exact)[keep].abs().max()
     theirs_err = (theirs.float() - exact)[keep].abs().max()
     assert ours_err <= 1.5 * theirs_err, (ours_err, theirs_err)
-    assert ours_err < 0.1
+    assert ours_err < 1e-2
 
 
 def test_dropout_is_refused():
