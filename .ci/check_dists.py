@@ -51,7 +51,7 @@ def check_wheel(path: str) -> None:
         info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/WHEEL"))
         metadata = zf.read(f"{info}/METADATA").decode()
     allowed = [
-        r"sdpa/[A-Za-z_]\w*\.pyi?",
+        r"sdpa/(integrations/)?[A-Za-z_]\w*\.pyi?",
         r"sdpa/py\.typed",
         *(rf"sdpa/_(core|kernel_{isa})\.[\w.-]+\.(so|pyd)" for isa in isas),
         rf"{re.escape(info)}/(METADATA|WHEEL|RECORD)",
@@ -64,6 +64,7 @@ def check_wheel(path: str) -> None:
     if len(compiled) != 1 + len(isas):
         fail(f"{path}: compiled modules {compiled}, expected _core and {isas}")
     needed = ["sdpa/__init__.py", "sdpa/_core.pyi", "sdpa/py.typed", "sdpa/_version.py"]
+    needed += ["sdpa/integrations/__init__.py", "sdpa/integrations/transformers.py"]
     needed += [f"{info}/licenses/{name}" for name in LICENCES]
     missing = [n for n in needed if n not in names]
     if missing:
