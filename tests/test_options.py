@@ -148,6 +148,26 @@ def test_the_direct_route_takes_other_options_at_their_defaults(rng):
     q = rng.standard_normal((2, 5, 8)).astype(np.float32)
     plain = {n: _options.default_of(n) for n in _options._NAMES if n not in _options.DIRECT}
     assert _core.attention_direct(q, q, q, {**plain, "is_causal": True}) is not None
-    for name, value in (("enable_gqa", True), ("alignment", "bottom_right"), ("window", (1, 1)),
-                        ("return_lse", True), ("enable_gqa", 0)):  # fmt: skip
+    for name, value in (("alignment", "bottom_right"), ("window", (1, 1)), ("return_lse", True),
+                        ("enable_gqa", 0)):  # fmt: skip
         assert _core.attention_direct(q, q, q, {**plain, name: value}) is None, (name, value)
+
+
+@pytest.mark.parametrize(
+    "heads", [(8, 2), (6, 6), (4, 1), (1, 1)], ids=lambda h: f"{h[0]}over{h[1]}"
+)
+def test_the_direct_route_groups_query_heads(isa, rng, heads):
+    hq, hkv = heads
+    q = rng.standard_normal((3, hq, 1, 32)).astype(np.float32)  # a decode step
+    k = rng.standard_normal((3, hkv, 50, 32)).astype(np.float32)
+    v = rng.standard_normal((3, hkv, 50, 16)).astype(np.float32)
+    out = np.empty((3, hq, 1, 16), np.float32)
+    direct = _core.attention_direct(q, k, v, {"enable_gqa": True, "out": out, "is_causal": True})
+    assert direct is out
+    general = sdpa.scaled_dot_product_attention(
+        q, k, v, enable_gqa=True, is_causal=True, kv_lengths=50
+    )
+    np.testing.assert_array_equal(direct, general)
+    want = reference(q, k, v, enable_gqa=True, is_causal=True)
+    assert_matches_reference(direct, want, np.float32)
+    assert _core.attention_direct(q[:, :, :, :31], k, v, {"enable_gqa": True}) is None  # E differs

@@ -189,8 +189,9 @@ std::string inner_path(const py::dict& operands, py::handle record) {
 }
 
 // The direct route for the most common call: q, k, v plain aligned native ndarrays of one dtype
-// with identical batch shapes, and among the options only is_causal (a bool), scale (None or a
-// finite float) and out (absent, or exactly right and not overlapping the inputs). It returns
+// with identical batch shapes (but for grouped query heads), and among the options only
+// is_causal and enable_gqa (bools), scale (None or a finite float) and out (absent, or exactly
+// right and not overlapping the inputs); others only at their plain defaults. It returns
 // None to decline anything else, leaving every check, broadcast and error message to the Python
 // layer; it exists because that layer's generality costs tens of microseconds per call, which
 // dominates small problems (benchmarks/NOTES.md, section 1).
@@ -219,6 +220,7 @@ class Direct {
     static PyObject* const kCausal = PyUnicode_InternFromString("is_causal");
     static PyObject* const kScale = PyUnicode_InternFromString("scale");
     static PyObject* const kOut = PyUnicode_InternFromString("out");
+    static PyObject* const kGqa = PyUnicode_InternFromString("enable_gqa");
     size_t understood = 0;
     if (PyObject* c = PyDict_GetItem(options.ptr(), kCausal)) {
       if (c != Py_True && c != Py_False) return false;
@@ -236,11 +238,17 @@ class Direct {
       if (o != Py_None) out_ = py::reinterpret_borrow<py::object>(o);
       ++understood;
     }
+    if (PyObject* g = PyDict_GetItem(options.ptr(), kGqa)) {
+      if (g != Py_True && g != Py_False) return false;
+      gqa_ = g == Py_True;
+      ++understood;
+    }
     if (understood == options.size()) return true;
     PyObject *key, *value;
     Py_ssize_t pos = 0;
     while (PyDict_Next(options.ptr(), &pos, &key, &value))
-      if (key != kCausal && key != kScale && key != kOut && !at_plain_default(key, value))
+      if (key != kCausal && key != kScale && key != kOut && key != kGqa &&
+          !at_plain_default(key, value))
         return false;  // (a key not interned falls to the Python layer: right, if slower)
     return true;
   }
@@ -262,16 +270,24 @@ class Direct {
     for (const py::array* a : {&q, &k, &v})
       if (!(a->flags() & kAligned)) return false;
     nb_ = static_cast<int>(nd) - 2;
-    for (int d = 0; d < nb_; ++d)
+    if (gqa_) {  // query heads (dim -3) in groups of `groups_` per key/value head
+      if (nb_ < 1) return false;
+      const py::ssize_t hq = q.shape(nb_ - 1), hkv = k.shape(nb_ - 1);
+      if (hkv < 1 || hq % hkv != 0 || v.shape(nb_ - 1) != hkv) return false;
+      groups_ = static_cast<int64_t>(hq / hkv);
+    }
+    for (int d = 0; d < nb_; ++d) {
+      if (gqa_ && d == nb_ - 1) continue;  // (the heads, checked above)
       if (k.shape(d) != q.shape(d) || v.shape(d) != q.shape(d)) return false;
+    }
     if (k.shape(nb_ + 1) != q.shape(nb_ + 1) || v.shape(nb_) != k.shape(nb_)) return false;
     // (a scale above 1 may make the float query overflow, which needs float64 computation:
     // the Python layer checks it)
     if (*dtype != sdpa::DType::f64 && std::abs(scale_) > 1) return false;
     p_.dtype = *dtype;
-    p_.nbatch = nb_ + 1;  // plus the group dim G = 1
-    for (int d = 0; d < nb_; ++d) p_.batch_shape[d] = q.shape(d);
-    p_.batch_shape[nb_] = 1;
+    p_.nbatch = nb_ + 1;  // plus the group dim G
+    for (int d = 0; d < nb_; ++d) p_.batch_shape[d] = k.shape(d);
+    p_.batch_shape[nb_] = groups_;
     p_.L = q.shape(nb_);
     p_.E = q.shape(nb_ + 1);
     p_.S = k.shape(nb_);
@@ -304,10 +320,10 @@ class Direct {
 
   // Computes the call into the result, which it returns.
   py::object run() {
-    p_.view(Operand::query) = make_view(array(q_), "query", nb_, 2);
+    p_.view(Operand::query) = grouped(make_view(array(q_), "query", nb_, 2));
     p_.view(Operand::key) = make_view(array(k_), "key", nb_, 2);
     p_.view(Operand::value) = make_view(array(v_), "value", nb_, 2);
-    p_.view(Operand::out) = make_view(array(out_), "out", nb_, 2);
+    p_.view(Operand::out) = grouped(make_view(array(out_), "out", nb_, 2));
     if (!std::isnan(scale_)) p_.opt.scale = scale_;
     p_.opt.causal = causal_;
     run_interruptibly(p_);
@@ -316,6 +332,17 @@ class Direct {
 
  private:
   static py::array array(const py::object& h) { return py::reinterpret_borrow<py::array>(h); }
+
+  // A query-side view whose heads (the last batch dim) split into (key/value heads, groups):
+  // head h = kv * groups + g sits at h's stride times that.
+  sdpa::View grouped(sdpa::View v) const {
+    if (nb_ >= 1) {
+      const int64_t head = v.batch_stride[nb_ - 1];
+      v.batch_stride[nb_ - 1] = head * groups_;
+      v.batch_stride[nb_] = head;
+    }
+    return v;
+  }
   static bool plain(py::handle h) {
     static PyObject* const ndarray_type =
         py::object(py::module_::import("numpy").attr("ndarray")).release().ptr();
@@ -325,7 +352,8 @@ class Direct {
   sdpa::Problem p_;
   py::object q_, k_, v_, out_;  // (py::object: a default py::array would allocate one)
   int nb_ = 0;
-  bool causal_ = false;
+  bool causal_ = false, gqa_ = false;
+  int64_t groups_ = 1;
   double scale_ = std::nan("");
 };
 

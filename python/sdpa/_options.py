@@ -179,6 +179,7 @@ class Options:
         _flag,
         """Grouped-query attention: dim -3 of query (Hq) may be a multiple of dim -3 of key and
 value (Hkv); query head h uses key/value head ``h // (Hq // Hkv)``. Nothing is copied.""",
+        direct=True,
     )
     out: np.ndarray | None = _option(
         None,
