@@ -74,3 +74,16 @@ def test_offsets_must_be_integers():
     q = np.ones((1, 3, 4), np.float32)
     with pytest.raises(TypeError, match="q_offset must have an integer dtype"):
         sdpa.scaled_dot_product_attention(q, q, q, q_offset=np.array([1.5]))
+
+
+@pytest.mark.parametrize("window", [(8, None), (None, 8), (50, 50)])
+def test_a_window_wider_than_the_chunk_still_applies_across_offsets(rng, window):
+    # A side >= L + S removes nothing within one call's own positions, but with offsets the
+    # keys may lie further away than that: such a side must still remove them.
+    q = rng.standard_normal((2, 4, 8))
+    k = rng.standard_normal((2, 4, 8))
+    kwargs = dict(window=window, q_offset=np.array([100, 3]), kv_offset=np.array([0, 103]))
+    got = sdpa.scaled_dot_product_attention(q, k, k, return_lse=True, **kwargs)
+    want = sdpa.reference.scaled_dot_product_attention(q, k, k, return_lse=True, **kwargs)
+    np.testing.assert_array_equal(got[1] == -np.inf, want[1] == -np.inf)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12, atol=1e-14)

@@ -154,11 +154,22 @@ def _prepare(query: Any, key: Any, value: Any, attn_mask: Any, opts: Options) ->
     _mask(call, attn_mask)
     _layout(call)
     if opts.window is not None:
-        # |j - diag(i)| < S + L always, so a wider side removes nothing: unbounded (this also
-        # keeps huge sides from overflowing the kernel's int64 arithmetic).
-        left, right = (None if s is None or s >= call.S + call.L else s for s in opts.window)
+        # |j - diag(i)| < S + L + |q_offset - kv_offset|, so a wider side removes nothing:
+        # unbounded (this also keeps huge sides from overflowing the kernel's int64 arithmetic).
+        reach = call.S + call.L + _offset_gap(opts)
+        left, right = (None if s is None or s >= reach else s for s in opts.window)
         call.opts = replace(opts, window=(left, right))
     return call
+
+
+def _offset_gap(opts: Options) -> int:
+    """A bound on |q_offset - kv_offset| over the heads (0 without offsets)."""
+
+    def bounds(a: np.ndarray | None) -> tuple[int, int]:
+        return (int(a.min()), int(a.max())) if a is not None and a.size else (0, 0)
+
+    (q_lo, q_hi), (k_lo, k_hi) = bounds(opts.q_offset), bounds(opts.kv_offset)
+    return max(q_hi - k_lo, k_hi - q_lo, 0)
 
 
 def _no_masked_array(x: Any, name: str) -> None:
