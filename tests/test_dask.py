@@ -298,6 +298,28 @@ def test_import_sdpa_does_not_import_dask():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+EXPR_CHECK = """
+import dask.array as da, numpy as np, sdpa, sdpa.dask
+assert da.array_expr_enabled()
+x = np.random.default_rng(0).standard_normal((2, 3, 40, 8)).astype(np.float32)
+X = da.from_array(x, chunks=(1, 3, 16, 8))
+kw = dict(is_causal=True, alignment="bottom_right", sinks=np.ones(3), return_lse=True)
+out, lse = sdpa.dask.scaled_dot_product_attention(X, X[:, :, :30], X[:, :, :30], **kw)
+want, want_lse = sdpa.scaled_dot_product_attention(x, x[:, :, :30], x[:, :, :30], **kw)
+got, got_lse = da.compute(out, lse, scheduler="threads")
+np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+np.testing.assert_allclose(got_lse, want_lse, rtol=1e-6)
+"""
+
+
+def test_dask_array_query_planning():
+    # Dask's expression-based arrays (array.query-planning, off by default so far, to become the
+    # default): the graph is wrapped with their from_graph. The setting must precede the import
+    # of dask.array, hence a fresh interpreter.
+    env = {**os.environ, "DASK_ARRAY__QUERY_PLANNING": "True"}
+    subprocess.run([sys.executable, "-c", EXPR_CHECK], check=True, env=env)
+
+
 # ---- A worker killed in the middle of a computation.
 
 

@@ -497,6 +497,21 @@ def _result_key(name: str, idx: tuple[int, ...], return_lse: bool) -> tuple:
     return (f"{name}-result", *idx) if return_lse else (name, *idx, 0)
 
 
+def _collection(name: str, dsk: dict, inputs: list[da.Array], chunks: tuple, meta: Any) -> Any:
+    """A Dask array whose blocks are the tasks (name, *index) of `dsk`, which reads `inputs`."""
+    if getattr(da, "array_expr_enabled", lambda: False)():  # (array.query-planning: True)
+        from dask.array._array_expr._collection import from_graph
+
+        layer: dict = {}
+        for x in inputs:
+            layer.update(x.__dask_graph__())
+        layer.update(dsk)
+        keys = [(name, *b) for b in itertools.product(*(range(len(c)) for c in chunks))]
+        return from_graph(layer, meta, chunks, keys, name)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=inputs)
+    return da.Array(graph, name, chunks=chunks, meta=meta)
+
+
 def _as_arrays(
     name: str, dsk: dict, inputs: list[da.Array], chunks: tuple, dtype: np.dtype, lse: bool
 ) -> tuple[da.Array, da.Array | None]:
@@ -505,15 +520,13 @@ def _as_arrays(
     blocks = list(itertools.product(*(range(len(c)) for c in chunks[:-1])))
     if lse:
         dsk.update({(name, *b, 0): (operator.getitem, (f"{name}-result", *b), 0) for b in blocks})
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=inputs)
-    out = da.Array(graph, name, chunks=chunks, meta=np.empty((0,) * len(chunks), dtype))
+    out = _collection(name, dsk, inputs, chunks, np.empty((0,) * len(chunks), dtype))
     if not lse:
         return out, None
     lse_name = f"{name}-lse"
     lse_dsk = {(lse_name, *b): (operator.getitem, (f"{name}-result", *b), 1) for b in blocks}
-    lse_graph = HighLevelGraph.from_collections(lse_name, lse_dsk, dependencies=[out])
     meta = np.empty((0,) * (len(chunks) - 1), np.float64 if dtype == np.float64 else np.float32)
-    return out, da.Array(lse_graph, lse_name, chunks=chunks[:-1], meta=meta)
+    return out, _collection(lse_name, lse_dsk, [out], chunks[:-1], meta)
 
 
 def _graph(p: _Problem, split_every: int) -> tuple[da.Array, da.Array | None]:
