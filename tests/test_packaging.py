@@ -66,9 +66,10 @@ def test_readme_is_the_long_description_and_opens_with_pip_install(dist):
 
 
 def test_extras(dist):
-    assert set(dist.metadata.get_all("Provides-Extra")) == {"test", "bf16", "plot"}
+    assert set(dist.metadata.get_all("Provides-Extra")) == {"test", "bf16", "plot", "dask"}
     assert set(extra_requirements(dist, "bf16")) == {"ml-dtypes"}
     assert set(extra_requirements(dist, "plot")) == {"matplotlib"}
+    assert set(extra_requirements(dist, "dask")) == {"dask", "distributed"}
     # bfloat16 through the bf16 extra and the test extra is the same requirement
     assert (
         extra_requirements(dist, "bf16")["ml-dtypes"]
