@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -57,6 +58,12 @@ def memory_mib() -> dict[str, float]:
     return fields
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def cluster(memory_limit: str = "auto") -> LocalCluster:
     return LocalCluster(
         n_workers=2,
@@ -72,10 +79,11 @@ def warm_up(client: Client) -> None:
     client.compute(sdask.scaled_dot_product_attention(x, x, x, is_causal=True), sync=True)
 
 
-def single_run(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[float, np.ndarray]:
-    t = time.perf_counter()
+def single_run(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[dict, np.ndarray]:
+    t, cpu = time.perf_counter(), cpu_seconds()
     out = sdpa.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return time.perf_counter() - t, out
+    run = {"total_s": time.perf_counter() - t, "cpu_s": cpu_seconds() - cpu}
+    return run, out
 
 
 def cluster_run(client: Client, inputs: list, want: np.ndarray | None) -> dict:
@@ -85,10 +93,12 @@ def cluster_run(client: Client, inputs: list, want: np.ndarray | None) -> dict:
     calls = sum(1 for task in layer.values() if task[0] is sdask._attend)
     before = client.run(memory_mib)
     client.run(reset_peak)
+    cpu = sum(client.run(cpu_seconds).values()) + cpu_seconds()  # (this process: the scheduler)
     t0 = time.perf_counter()
     out = client.persist(out)
     wait(out)
     t1 = time.perf_counter()
+    cpu = sum(client.run(cpu_seconds).values()) + cpu_seconds() - cpu
     result = out.compute()
     t2 = time.perf_counter()
     peaks = client.run(memory_mib)
@@ -96,6 +106,7 @@ def cluster_run(client: Client, inputs: list, want: np.ndarray | None) -> dict:
         "persist_s": t1 - t0,
         "gather_s": t2 - t1,
         "total_s": t2 - t0,
+        "cpu_s": cpu,
         "kernel_calls": calls,
         "tasks": len(layer),
         "rss_before_mib": [round(m["VmRSS"]) for m in before.values()],
@@ -125,8 +136,8 @@ def overhead(args: argparse.Namespace) -> dict:
         q, k, v = client.compute(persisted["blocks"], sync=True)
         want = None
         for r in range(args.rounds):
-            seconds, out = single_run(q, k, v)
-            runs["single"].append({"total_s": seconds, "load": os.getloadavg()[0]})
+            run, out = single_run(q, k, v)
+            runs["single"].append({**run, "load": os.getloadavg()[0]})
             want = out if want is None else want
             for name in ("heads", "blocks"):
                 runs[name].append(cluster_run(client, persisted[name], want if r == 0 else None))
@@ -135,19 +146,27 @@ def overhead(args: argparse.Namespace) -> dict:
 
 
 def summarize(runs: dict) -> None:
-    single = statistics.median(r["total_s"] for r in runs["single"])
-    print(f"\nsingle process, 2 threads: median {single:.2f} s over {len(runs['single'])} rounds")
+    """Medians, and the medians of the ratios taken round by round (side by side)."""
+    single = runs["single"]
+    wall = statistics.median(r["total_s"] for r in single)
+    cpu = statistics.median(r["cpu_s"] for r in single)
+    loads = [round(r["load"], 1) for r in single]
+    print(f"\nsingle process, 2 threads: median {wall:.2f} s, CPU {cpu:.1f} s; load {loads}")
     for name in ("heads", "blocks"):
         rs = runs[name]
-        persist = statistics.median(r["persist_s"] for r in rs)
-        total = statistics.median(r["total_s"] for r in rs)
+
+        def ratio(key: str, rs: list = rs) -> float:
+            base = "cpu_s" if key == "cpu_s" else "total_s"
+            return statistics.median(r[key] / s[base] for r, s in zip(rs, single)) - 1
+
         added = [max(p - b for p, b in zip(r["peak_mib"], r["rss_before_mib"])) for r in rs]
         print(
             f"LocalCluster 2x1, {name}: {rs[0]['kernel_calls']} kernel calls, {rs[0]['tasks']} "
-            f"tasks; persist {persist:.2f} s ({persist / single - 1:+.1%}), with the gather "
-            f"{total:.2f} s ({total / single - 1:+.1%}); worker peaks {rs[0]['peak_mib']} MiB, "
-            f"resident before {rs[0]['rss_before_mib']} MiB (the run adds at most {max(added)} "
-            f"MiB); max rel err "
+            f"tasks. Persist median {statistics.median(r['persist_s'] for r in rs):.2f} s, "
+            f"with the gather {statistics.median(r['total_s'] for r in rs):.2f} s; by round: "
+            f"persist {ratio('persist_s'):+.1%}, with the gather {ratio('total_s'):+.1%}, CPU "
+            f"{ratio('cpu_s'):+.1%}. Worker peaks {rs[0]['peak_mib']} MiB, resident before "
+            f"{rs[0]['rss_before_mib']} MiB (a run adds at most {max(added)} MiB); max rel err "
             f"{rs[0].get('max_rel_err', float('nan')):.1e}"
         )
 
