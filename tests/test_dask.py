@@ -361,7 +361,8 @@ def test_a_killed_worker_is_recomputed_and_the_result_is_right(client, rng):
     out = sdask.scaled_dot_product_attention(Q, K, V, **kwargs)
     with distributed.get_task_stream(client) as stream:
         future = client.compute(out)
-        wait_until(lambda: min(partials_held(client, out.name).values()) >= 2)
+        # (24 partials can be computed before the gate opens: wait for half of them)
+        wait_until(lambda: sum(partials_held(client, out.name).values()) >= 12)
         victim = max(partials_held(client, out.name).items(), key=lambda item: item[1])[0]
         client.run(die, workers=[victim], wait=False)
         wait_until(lambda: victim not in client.scheduler_info()["workers"])
