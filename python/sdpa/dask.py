@@ -609,8 +609,8 @@ def scaled_dot_product_attention(
 
 # ---- Packed variable-length batches.
 
-# The packed call's own exclusions, and the positions: sdpa.varlen_attention does not take
-# per-sequence offsets, so a block cannot hold part of a sequence (see varlen_attention).
+# The packed call's own exclusions, and the positions: a block holds whole sequences, at their
+# own positions (see varlen_attention).
 _VARLEN_EXCLUDED = (*_varlen._EXCLUDED, "q_offset", "kv_offset")
 
 
@@ -733,8 +733,9 @@ def varlen_attention(
     corpus case, many sequences: each block is one packed kernel call, with no merge. A
     sequence too long for one task is the other case: give it to
     :func:`scaled_dot_product_attention` as a (1, H, L, E) array, whose key chunks merge exactly.
-    (A block cannot hold part of a sequence here: the packed kernel call takes no per-sequence
-    positions, so a part would not know where its rows stand.) Head chunks follow the rule of
+    (Whole sequences only: a part of one in a block would need its rows' and keys' positions
+    within the sequence and its key chunks merged, which is what
+    :func:`scaled_dot_product_attention` plans.) Head chunks follow the rule of
     :func:`scaled_dot_product_attention` under GQA.
 
     Parameters
