@@ -69,7 +69,11 @@ constexpr Features kPanelsHonour =
     bit(Operand::query) | bit(Operand::key) | bit(Operand::value) | bit(Operand::out) |
     bit(Operand::lse) | bit(Operand::kv_lengths) | bit(Operand::q_lengths) | bit(Operand::sinks) |
     bit(Operand::q_starts) | bit(Operand::kv_starts) | bit(Operand::q_offset) |
-    bit(Operand::kv_offset) | kCausal | kWindow | kBottomRight;
+    bit(Operand::kv_offset) | bit(Operand::key_scales) | bit(Operand::value_scales) | kCausal |
+    kWindow | kBottomRight;
+// Every path reads key and value in their own storage type (kv_dtype), q8 scales included: the
+// panels and the general path convert each key block once into the worker's block buffer
+// (key_side_block), the few-row loops convert in registers as they stream the rows.
 // The few-row and general paths apply every modifier to their score block.
 constexpr Features kBlocksHonour = ~Features{0};
 
@@ -187,22 +191,69 @@ struct Kernel {
     if (!live) return;
 
     // acc (nr x Ev) += P_blk (nr x nk) * V_blk (nk x Ev)
-    const ConstMatMap<T> Vb =
-        key_side_block<T, Store>(p.view(Operand::value), o[Operand::value], j0, nk, p.Ev, ws.Vc);
+    if constexpr (std::is_same_v<T, float>) {
+      // V read in its storage, converted in registers (a partial block may need confining: below)
+      if (path == Path::few_rows && scored.full && direct(p, Operand::value))
+        return with_rows(p, Operand::value, o, j0, [&](const auto& v) {
+          few_rows::accumulate(ws.Sb, ws.kb, nr, v, nk, p.Ev, ws.acc, p.Ev, plan.few_rows_pv_keys);
+        });
+    }
+    const ConstMatMap<T> Vb = key_side_block<T>(p, Operand::value, o[Operand::value],
+                                                o[Operand::value_scales], j0, nk, p.Ev, ws.Vc);
     // A NaN or Inf in V reaches exactly the rows that attend its key: where some row does not
     // attend some key of the block, the product would spread it to that row as 0 * NaN.
     if (!scored.full && !all_finite(Vb.data(), Vb.outerStride(), nk, p.Ev))
       return confined_pv(p, nr, j0, nk, ws, Vb, acc);
     if constexpr (std::is_same_v<T, float>) {
       if (path == Path::few_rows)
-        return few_rows::accumulate(ws.Sb, ws.kb, nr, Vb.data(), Vb.outerStride(), nk, p.Ev, ws.acc,
-                                    p.Ev, plan.few_rows_pv_keys);
+        return few_rows::accumulate(ws.Sb, ws.kb, nr,
+                                    few_rows::Rows<float>{Vb.data(), Vb.outerStride()}, nk, p.Ev,
+                                    ws.acc, p.Ev, plan.few_rows_pv_keys);
     }
     if (nr <= plan.few_rows_max) {  // (float64: rows of a few-row tile, without packing)
       for (int64_t c = 0; c < nk; ++c)
         for (int64_t r = 0; r < nr; ++r) acc.row(r) += Sb(r, c) * Vb.row(c);
     } else {
       acc.noalias() += Sb * Vb;
+    }
+  }
+
+  // Whether the few-row loops read key-side operand `which` in place in its storage type
+  // (float16, bfloat16, q8 with scale blocks of whole packets) rather than a converted block.
+  static bool direct(const Problem& p, Operand which) {
+    if (p.view(which).col_stride != 1) return false;
+    switch (p.kv_dtype) {
+      case DType::f16:
+      case DType::bf16:
+        return true;
+      case DType::q8:
+        return p.kv_block % simd::kW == 0 && p.view(scales_of(which)).col_stride == 1;
+      default:  // (float32 is mapped: read in place already)
+        return false;
+    }
+  }
+
+  // f(few_rows::Rows<S>) over the rows of key-side operand `which` from key j0, in storage S.
+  template <typename F>
+  static void with_rows(const Problem& p, Operand which, const OuterOffsets& o, int64_t j0, F&& f) {
+    const View& v = p.view(which);
+    const int64_t off = o[which] + j0 * v.row_stride;
+    switch (p.kv_dtype) {
+      case DType::f16:
+        return f(few_rows::Rows<Eigen::half>{static_cast<const Eigen::half*>(v.data) + off,
+                                             v.row_stride});
+      case DType::bf16:
+        return f(few_rows::Rows<Eigen::bfloat16>{static_cast<const Eigen::bfloat16*>(v.data) + off,
+                                                 v.row_stride});
+      case DType::q8: {
+        const Operand so = scales_of(which);
+        const View& sv = p.view(so);
+        const auto* d = static_cast<const Eigen::half*>(sv.data) + o[so] + j0 * sv.row_stride;
+        return f(few_rows::Rows<int8_t>{static_cast<const int8_t*>(v.data) + off, v.row_stride, d,
+                                        sv.row_stride, p.kv_block});
+      }
+      default:
+        return;
     }
   }
 
@@ -278,21 +329,34 @@ struct Kernel {
     if (span.lo >= span.hi) return {false, false};
 
     // S_blk (nr x nk) = Q_tile (nr x E) * K_blk^T (E x nk)
-    const ConstMatMap<T> Kb =
-        key_side_block<T, Store>(p.view(Operand::key), o[Operand::key], j0, nk, p.E, ws.Kc);
     MatMap<T> Sb(ws.Sb, nr, nk, Eigen::OuterStride<>(ws.kb));
+    auto key_block = [&] {
+      return key_side_block<T>(p, Operand::key, o[Operand::key], o[Operand::key_scales], j0, nk,
+                               p.E, ws.Kc);
+    };
     bool done = false;
     if constexpr (std::is_same_v<T, float>) {
-      if (path == Path::few_rows) {  // one pass over the keys; each K row serves every query row
-        few_rows::scores(Qtile.data(), nr, p.E, Kb.data(), Kb.outerStride(), nk, ws.Sb, ws.kb);
+      if (path == Path::few_rows) {     // one pass over the keys; each K row serves every query row
+        if (direct(p, Operand::key)) {  // K read in its storage, converted in registers
+          with_rows(p, Operand::key, o, j0, [&](const auto& k) {
+            few_rows::scores(Qtile.data(), nr, p.E, k, nk, ws.Sb, ws.kb);
+          });
+        } else {
+          const ConstMatMap<T> Kb = key_block();
+          few_rows::scores(Qtile.data(), nr, p.E,
+                           few_rows::Rows<float>{Kb.data(), Kb.outerStride()}, nk, ws.Sb, ws.kb);
+        }
         done = true;
       }
     }
-    if (!done && nr <= plan.few_rows_max) {  // (float64: dot products, without packing)
-      for (int64_t c = 0; c < nk; ++c)
-        for (int64_t r = 0; r < nr; ++r) Sb(r, c) = Qtile.row(r).dot(Kb.row(c));
-    } else if (!done) {
-      Sb.noalias() = Qtile * Kb.transpose();
+    if (!done) {
+      const ConstMatMap<T> Kb = key_block();
+      if (nr <= plan.few_rows_max) {  // (float64: dot products, without packing)
+        for (int64_t c = 0; c < nk; ++c)
+          for (int64_t r = 0; r < nr; ++r) Sb(r, c) = Qtile.row(r).dot(Kb.row(c));
+      } else {
+        Sb.noalias() = Qtile * Kb.transpose();
+      }
     }
     const bool in_range = all_attend(ws.rows, nr, j0, j0 + nk);
     apply_modifiers(p, nr, j0, nk, ws, in_range);
@@ -450,10 +514,10 @@ struct Kernel {
       load_panels(p, panels, ws);
       for (int64_t j0 = jlo; j0 < jhi && !plan.stop(); j0 += ws.kb) {
         const int64_t nk = std::min(ws.kb, jhi - j0);
-        const ConstMatMap<T> Kb =
-            key_side_block<T, Store>(p.view(Operand::key), o[Operand::key], j0, nk, p.E, ws.Kc);
-        const ConstMatMap<T> Vb = key_side_block<T, Store>(p.view(Operand::value),
-                                                           o[Operand::value], j0, nk, p.Ev, ws.Vc);
+        const ConstMatMap<T> Kb = key_side_block<T>(p, Operand::key, o[Operand::key],
+                                                    o[Operand::key_scales], j0, nk, p.E, ws.Kc);
+        const ConstMatMap<T> Vb = key_side_block<T>(p, Operand::value, o[Operand::value],
+                                                    o[Operand::value_scales], j0, nk, p.Ev, ws.Vc);
         // V's values, checked once a block when some row does not attend some of its keys.
         const bool v_finite =
             all_attend(rows, nr, j0, j0 + nk) || all_finite(Vb.data(), Vb.outerStride(), nk, p.Ev);
@@ -630,7 +694,7 @@ struct Kernel {
 
   // What the scratch must hold for this call (Scratch::Needs).
   static typename Scratch<T>::Needs needs(const Problem& p, const Plan& plan) {
-    return {!mappable<T, Store>(p.view(Operand::key)), !mappable<T, Store>(p.view(Operand::value)),
+    return {!mappable<T>(p, Operand::key), !mappable<T>(p, Operand::value),
             choose_path<T>(p, plan, plan.row_tile) == Path::panels};
   }
 

@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
+#include "convert.hpp"
 #include "simd.hpp"
 
 namespace sdpa {
@@ -21,29 +23,75 @@ using simd::Packet;
 // plus the operands must fit the register file (32 zmm: 16 + 1 + 2; 16 ymm: 8 + 1 + 2).
 constexpr int kRowPackets = kW >= 16 ? 8 : 4;
 
-// s[i * lds] = q_i . k for i < R: q rows E apart, k one row of E floats. Each K packet loaded
+// Rows of a key-side operand as the loops read them, in its storage type S (float, Eigen::half,
+// Eigen::bfloat16, or int8_t for q8), converted to float in registers: x rows ld apart; for q8
+// the float16 scales d, one per `block` elements of a row (block a multiple of kW), rows ldd
+// apart. Decode streams K and V from memory, so reading half or a quarter of float's bytes is
+// what makes it faster.
+template <typename S>
+struct Rows {
+  static constexpr bool kQ8 = std::is_same_v<S, int8_t>;
+  const S* x;
+  int64_t ld;
+  const Eigen::half* d = nullptr;
+  int64_t ldd = 0, block = 0;
+
+  Rows at(int64_t c) const { return {x + c * ld, ld, kQ8 ? d + c * ldd : nullptr, ldd, block}; }
+  // kW elements of row 0 from column e, as floats (not yet scaled, for q8).
+  Packet load(int64_t e) const {
+    if constexpr (std::is_same_v<S, float>) {
+      return ei::ploadu<Packet>(x + e);
+    } else if constexpr (kQ8) {
+      return simd::load_i8(x + e);
+    } else {
+#ifdef SDPA_HALF_PACKETS
+      return PacketOf<S>::to_float(ei::ploadu<typename PacketOf<S>::type>(x + e));
+#else
+      alignas(64) float f[kW];
+      for (int i = 0; i < kW; ++i) f[i] = static_cast<float>(x[e + i]);
+      return ei::pload<Packet>(f);
+#endif
+    }
+  }
+  float scale(int64_t e) const {
+    if constexpr (kQ8) return static_cast<float>(d[e / block]);
+    return 1.0f;
+  }
+  float value(int64_t e) const { return static_cast<float>(x[e]) * scale(e); }
+};
+
+// s[i * lds] = q_i . k for i < R: q rows E apart, k one row of E elements. Each K packet loaded
 // serves all R rows.
-template <int R>
-inline void dot_block(const float* q, int64_t E, const float* k, float* s, int64_t lds) {
+template <int R, typename S>
+inline void dot_block(const float* q, int64_t E, const Rows<S>& k, float* s, int64_t lds) {
   Packet acc[R];
   SDPA_UNROLL
   for (int i = 0; i < R; ++i) acc[i] = ei::pzero(acc[i]);
   const int64_t Ew = E - E % kW;
-  for (int64_t e = 0; e < Ew; e += kW) {
-    const Packet y = ei::ploadu<Packet>(k + e);
-    SDPA_UNROLL
-    for (int i = 0; i < R; ++i) acc[i] = ei::pmadd(ei::ploadu<Packet>(q + i * E + e), y, acc[i]);
+  // q8: one scale per block of the row; the other types take the row in one piece.
+  const int64_t step = Rows<S>::kQ8 ? k.block : std::max<int64_t>(Ew, 1);
+  for (int64_t b0 = 0; b0 < Ew; b0 += step) {
+    const int64_t b1 = std::min(b0 + step, Ew);
+    const Packet sc = ei::pset1<Packet>(k.scale(b0));
+    for (int64_t e = b0; e < b1; e += kW) {
+      Packet y = k.load(e);
+      if constexpr (Rows<S>::kQ8) y = ei::pmul(y, sc);
+      SDPA_UNROLL
+      for (int i = 0; i < R; ++i) acc[i] = ei::pmadd(ei::ploadu<Packet>(q + i * E + e), y, acc[i]);
+    }
   }
   SDPA_UNROLL
   for (int i = 0; i < R; ++i) {
     float t = ei::predux(acc[i]);
-    for (int64_t e = Ew; e < E; ++e) t += q[i * E + e] * k[e];
+    for (int64_t e = Ew; e < E; ++e) t += q[i * E + e] * k.value(e);
     s[i * lds] = t;
   }
 }
 
 // s[r * lds] = q_r . k for the nr rows, up to 4 at a time.
-inline void dot_rows(const float* q, int64_t nr, int64_t E, const float* k, float* s, int64_t lds) {
+template <typename S>
+inline void dot_rows(const float* q, int64_t nr, int64_t E, const Rows<S>& k, float* s,
+                     int64_t lds) {
   for (int64_t r = 0; r < nr; r += 4) {
     const float* qr = q + r * E;
     float* sr = s + r * lds;
@@ -64,17 +112,18 @@ inline void dot_rows(const float* q, int64_t nr, int64_t E, const float* k, floa
   }
 }
 
-// S (nr x nc, rows lds apart) = Q (nr x E, rows E apart) K^T for K (nc x E) rows ldk apart, one
-// key at a time against up to 4 rows. (Two keys at a time, reading two K rows side by side, ran
-// 18% slower from memory: section 17.)
-inline void scores(const float* q, int64_t nr, int64_t E, const float* k, int64_t ldk, int64_t nc,
-                   float* s, int64_t lds) {
-  for (int64_t c = 0; c < nc; ++c) dot_rows(q, nr, E, k + c * ldk, s + c, lds);
+// S (nr x nc, rows lds apart) = Q (nr x E, rows E apart) K^T for the nc rows of K, one key at a
+// time against up to 4 rows. (Two keys at a time, reading two K rows side by side, ran 18% slower
+// from memory: section 17.)
+template <typename S>
+inline void scores(const float* q, int64_t nr, int64_t E, const Rows<S>& k, int64_t nc, float* s,
+                   int64_t lds) {
+  for (int64_t c = 0; c < nc; ++c) dot_rows(q, nr, E, k.at(c), s + c, lds);
 }
 
-// a[i * lda + x] += sum_c p[i * ldp + c] * v[c * ldv + x] for i < R, x < D * kW, c < nc.
-template <int R, int D>
-inline void axpy_block(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t nc,
+// a[i * lda + x] += sum_c p[i * ldp + c] * v_c[col0 + x] for i < R, x < D * kW, c < nc.
+template <int R, int D, typename S>
+inline void axpy_block(const float* p, int64_t ldp, const Rows<S>& v, int64_t col0, int64_t nc,
                        float* a, int64_t lda) {
   // The chunk's sum starts from 0 and joins A once (adding each key's term to A, the running sum
   // of the whole key range, lost its bits: constant values of 3 over 2^31 keys averaged 2.0).
@@ -82,13 +131,21 @@ inline void axpy_block(const float* p, int64_t ldp, const float* v, int64_t ldv,
   SDPA_UNROLL
   for (int i = 0; i < R; ++i) SDPA_UNROLL
   for (int j = 0; j < D; ++j) acc[i][j] = ei::pzero(acc[i][j]);
+  int64_t block_of[D] = {};  // q8: the scale block of each packet
+  if constexpr (Rows<S>::kQ8) {
+    SDPA_UNROLL
+    for (int j = 0; j < D; ++j) block_of[j] = (col0 + j * kW) / v.block;
+  }
   for (int64_t c = 0; c < nc; ++c) {
     Packet b[R];
     SDPA_UNROLL
     for (int i = 0; i < R; ++i) b[i] = ei::pset1<Packet>(p[i * ldp + c]);
+    const Rows<S> vc = v.at(c);
     SDPA_UNROLL
     for (int j = 0; j < D; ++j) {
-      const Packet y = ei::ploadu<Packet>(v + c * ldv + j * kW);
+      Packet y = vc.load(col0 + j * kW);
+      if constexpr (Rows<S>::kQ8)
+        y = ei::pmul(y, ei::pset1<Packet>(static_cast<float>(vc.d[block_of[j]])));
       SDPA_UNROLL
       for (int i = 0; i < R; ++i) acc[i][j] = ei::pmadd(b[i], y, acc[i][j]);
     }
@@ -101,37 +158,38 @@ inline void axpy_block(const float* p, int64_t ldp, const float* v, int64_t ldv,
   }
 }
 
-// R rows of A (lda apart) += their P rows (ldp apart) times nc rows of V (Ev wide, ldv apart):
-// whole rows of V at a time where they fit the registers.
-template <int R>
-inline void axpy_rows(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t nc,
-                      int64_t Ev, float* a, int64_t lda) {
+// R rows of A (lda apart) += their P rows (ldp apart) times nc rows of V (Ev wide): whole rows
+// of V at a time where they fit the registers.
+template <int R, typename S>
+inline void axpy_rows(const float* p, int64_t ldp, const Rows<S>& v, int64_t nc, int64_t Ev,
+                      float* a, int64_t lda) {
   int64_t x = 0;
   for (; x + kRowPackets * kW <= Ev; x += kRowPackets * kW)
-    axpy_block<R, kRowPackets>(p, ldp, v + x, ldv, nc, a + x, lda);
+    axpy_block<R, kRowPackets>(p, ldp, v, x, nc, a + x, lda);
   if constexpr (kRowPackets > 4) {
-    for (; x + 4 * kW <= Ev; x += 4 * kW) axpy_block<R, 4>(p, ldp, v + x, ldv, nc, a + x, lda);
+    for (; x + 4 * kW <= Ev; x += 4 * kW) axpy_block<R, 4>(p, ldp, v, x, nc, a + x, lda);
   }
-  for (; x + kW <= Ev; x += kW) axpy_block<R, 1>(p, ldp, v + x, ldv, nc, a + x, lda);
+  for (; x + kW <= Ev; x += kW) axpy_block<R, 1>(p, ldp, v, x, nc, a + x, lda);
   for (; x < Ev; ++x)
     for (int i = 0; i < R; ++i) {
       float sum = 0;
-      for (int64_t c = 0; c < nc; ++c) sum += p[i * ldp + c] * v[c * ldv + x];
+      for (int64_t c = 0; c < nc; ++c) sum += p[i * ldp + c] * v.at(c).value(x);
       a[i * lda + x] += sum;
     }
 }
 
-// A (nr x Ev, rows lda apart) += P (nr x nc, rows ldp apart) V (nc x Ev, rows ldv apart), in
-// chunks of `chunk` keys (the plan's few_rows_pv_keys, so that a chunk of V stays in L1 for every
-// pair of rows), two rows at a time.
-inline void accumulate(const float* p, int64_t ldp, int64_t nr, const float* v, int64_t ldv,
-                       int64_t nc, int64_t Ev, float* a, int64_t lda, int64_t chunk) {
+// A (nr x Ev, rows lda apart) += P (nr x nc, rows ldp apart) V (nc rows of Ev), in chunks of
+// `chunk` keys (the plan's few_rows_pv_keys, so that a chunk of V stays in L1 for every pair of
+// rows), two rows at a time.
+template <typename S>
+inline void accumulate(const float* p, int64_t ldp, int64_t nr, const Rows<S>& v, int64_t nc,
+                       int64_t Ev, float* a, int64_t lda, int64_t chunk) {
   for (int64_t c0 = 0; c0 < nc; c0 += chunk) {
     const int64_t n = std::min(chunk, nc - c0);
     int64_t r = 0;
     for (; r + 2 <= nr; r += 2)
-      axpy_rows<2>(p + r * ldp + c0, ldp, v + c0 * ldv, ldv, n, Ev, a + r * lda, lda);
-    if (r < nr) axpy_rows<1>(p + r * ldp + c0, ldp, v + c0 * ldv, ldv, n, Ev, a + r * lda, lda);
+      axpy_rows<2>(p + r * ldp + c0, ldp, v.at(c0), n, Ev, a + r * lda, lda);
+    if (r < nr) axpy_rows<1>(p + r * ldp + c0, ldp, v.at(c0), n, Ev, a + r * lda, lda);
   }
 }
 
