@@ -19,12 +19,14 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
 #include "convert.hpp"
 #include "few_rows.hpp"
 #include "panel.hpp"
+#include "panel_bf16.hpp"
 #include "sdpa/kernel.hpp"
 #include "softmax.hpp"
 #include "tile.hpp"
@@ -192,11 +194,20 @@ struct Kernel {
 
     // acc (nr x Ev) += P_blk (nr x nk) * V_blk (nk x Ev)
     if constexpr (std::is_same_v<T, float>) {
-      // V read in its storage, converted in registers (a partial block may need confining: below)
-      if (path == Path::few_rows && scored.full && direct(p, Operand::value))
-        return with_rows(p, Operand::value, o, j0, [&](const auto& v) {
-          few_rows::accumulate(ws.Sb, ws.kb, nr, v, nk, p.Ev, ws.acc, p.Ev, plan.few_rows_pv_keys);
-        });
+      // V not in float (half precision, q8): converted in registers a chunk at a time, into the
+      // first rows of the block buffer, where it stays in L1 for all the tile's rows (a partial
+      // block with non-finite values is confined below instead).
+      if (path == Path::few_rows && scored.full && !mappable<T>(p, Operand::value)) {
+        for (int64_t c0 = 0; c0 < nk; c0 += plan.few_rows_pv_keys) {
+          const int64_t n = std::min(plan.few_rows_pv_keys, nk - c0);
+          const ConstMatMap<T> Vc =
+              key_side_block<T>(p, Operand::value, o[Operand::value], o[Operand::value_scales],
+                                j0 + c0, n, p.Ev, ws.Vc);
+          few_rows::accumulate(ws.Sb + c0, ws.kb, nr, Vc.data(), Vc.outerStride(), n, p.Ev, ws.acc,
+                               p.Ev);
+        }
+        return;
+      }
     }
     const ConstMatMap<T> Vb = key_side_block<T>(p, Operand::value, o[Operand::value],
                                                 o[Operand::value_scales], j0, nk, p.Ev, ws.Vc);
@@ -205,10 +216,13 @@ struct Kernel {
     if (!scored.full && !all_finite(Vb.data(), Vb.outerStride(), nk, p.Ev))
       return confined_pv(p, nr, j0, nk, ws, Vb, acc);
     if constexpr (std::is_same_v<T, float>) {
-      if (path == Path::few_rows)
-        return few_rows::accumulate(ws.Sb, ws.kb, nr,
-                                    few_rows::Rows<float>{Vb.data(), Vb.outerStride()}, nk, p.Ev,
-                                    ws.acc, p.Ev, plan.few_rows_pv_keys);
+      if (path == Path::few_rows) {
+        for (int64_t c0 = 0; c0 < nk; c0 += plan.few_rows_pv_keys)
+          few_rows::accumulate(ws.Sb + c0, ws.kb, nr, Vb.data() + c0 * Vb.outerStride(),
+                               Vb.outerStride(), std::min(plan.few_rows_pv_keys, nk - c0), p.Ev,
+                               ws.acc, p.Ev);
+        return;
+      }
     }
     if (nr <= plan.few_rows_max) {  // (float64: rows of a few-row tile, without packing)
       for (int64_t c = 0; c < nk; ++c)
@@ -508,6 +522,11 @@ struct Kernel {
   // running max and sum in ws.m, ws.l and acc^T in ws.acc (panel layout).
   static void run_panels(const Problem& p, const Plan& plan, const OuterOffsets& o, int64_t nr,
                          int64_t jlo, int64_t jhi, Scratch<T>& ws) {
+#ifdef SDPA_BF16_PANELS
+    if constexpr (D == DType::bf16) {
+      if (bf16_panels(p)) return run_panels_bf16(p, plan, o, nr, jlo, jhi, ws);
+    }
+#endif
     if constexpr (std::is_same_v<T, float>) {
       const RowInfo* rows = ws.rows;
       const panel::PanelSplit panels(nr);
@@ -614,6 +633,12 @@ struct Kernel {
     T* acc;       // acc^T (Ev x ld)
     T* m;         // running max (ld)
     T* l;         // running sum (ld)
+    // The bf16 panels' operands (panel_bf16.hpp): K and V rows in bf16 (k, v unused), V pairs
+    // ((nc + 1) / 2 x Ev words), the scale the scores take (Q is not scaled).
+    const uint16_t* kh = nullptr;
+    const uint16_t* vh = nullptr;
+    const uint32_t* vp = nullptr;
+    T scale = T(1);
   };
 
   static void panel_block(const PanelBlock& b, int64_t packets) {
@@ -641,17 +666,7 @@ struct Kernel {
       panel::score_tile<MP, kSNR>(b.qt, b.E, b.k + c * b.ldk, b.ldk, b.pt + c * ld, vmax);
     for (; c < b.nc; ++c)
       panel::score_tile<MP, 1>(b.qt, b.E, b.k + c * b.ldk, b.ldk, b.pt + c * ld, vmax);
-    if (b.rows) {
-      // Removed keys -> -inf, row by row (a lane of the panel each), then the max again.
-      for (int64_t i = 0; i < b.n_rows; ++i) {
-        const int64_t lo = std::clamp<int64_t>(b.rows[i].lo - b.j_first, 0, b.nc);
-        const int64_t hi = std::clamp<int64_t>(b.rows[i].hi - b.j_first, lo, b.nc);
-        for (int64_t cc = 0; cc < lo; ++cc) b.pt[cc * ld + i] = kNegInf;
-        for (int64_t cc = hi; cc < b.nc; ++cc) b.pt[cc * ld + i] = kNegInf;
-      }
-      for (auto& x : vmax) x = Eigen::internal::pset1<Packet>(kNegInf);
-      panel::column_max<MP>(b.pt, b.nc, vmax);
-    }
+    if (b.rows) remove_keys<MP>(b, vmax);
     Packet alpha[MP];
     panel::softmax_step<MP>(b.pt, b.nc, vmax, b.m, b.l, alpha);
     // As in process_block: NaN or Inf in V must not reach a lane that does not attend its key.
@@ -671,6 +686,20 @@ struct Kernel {
     }
   }
 
+  // Removed keys -> -inf in P^T, row by row (a lane of the panel each), then the max again.
+  template <int MP>
+  static void remove_keys(const PanelBlock& b, simd::Packet* vmax) {
+    constexpr int64_t ld = MP * simd::kW;
+    for (int64_t i = 0; i < b.n_rows; ++i) {
+      const int64_t lo = std::clamp<int64_t>(b.rows[i].lo - b.j_first, 0, b.nc);
+      const int64_t hi = std::clamp<int64_t>(b.rows[i].hi - b.j_first, lo, b.nc);
+      for (int64_t cc = 0; cc < lo; ++cc) b.pt[cc * ld + i] = kNegInf;
+      for (int64_t cc = hi; cc < b.nc; ++cc) b.pt[cc * ld + i] = kNegInf;
+    }
+    for (int i = 0; i < MP; ++i) vmax[i] = Eigen::internal::pset1<simd::Packet>(kNegInf);
+    panel::column_max<MP>(b.pt, b.nc, vmax);
+  }
+
   // acc^T (Ev x ld) = alpha * acc^T + P^T V over the keys each lane attends only.
   template <int MP>
   static void confined_panel_pv(const PanelBlock& b, const simd::Packet* alpha) {
@@ -686,9 +715,164 @@ struct Kernel {
       const int64_t hi = std::clamp<int64_t>(b.rows[i].hi - b.j_first, lo, b.nc);
       for (int64_t c = lo; c < hi; ++c)
         for (int64_t d = 0; d < b.Ev; ++d)
-          b.acc[d * ld + i] += b.pt[c * ld + i] * b.v[c * b.ldv + d];
+          b.acc[d * ld + i] += b.pt[c * ld + i] * value_at(b, c, d);
     }
   }
+
+  static T value_at(const PanelBlock& b, int64_t c, int64_t d) {
+    if (!b.vh) return b.v[c * b.ldv + d];
+    const uint32_t bits = static_cast<uint32_t>(b.vh[c * b.ldv + d]) << 16;  // bf16 to float
+    float x;
+    std::memcpy(&x, &bits, sizeof x);
+    return x;
+  }
+
+#ifdef SDPA_BF16_PANELS
+  // ---- The bf16 panels (panel_bf16.hpp): VDPBF16PS from bfloat16 operands ----
+
+  // Whether a call takes them: a bfloat16 query over bfloat16 key and value with contiguous rows.
+  static bool bf16_panels(const Problem& p) {
+    return p.kv_dtype == DType::bf16 && p.view(Operand::key).col_stride == 1 &&
+           p.view(Operand::value).col_stride == 1;
+  }
+
+  // As run_panels, from bf16 operands. Each key block's V is packed into pairs once (in Vc) for
+  // all panels; a panel's steps start at even keys of the block, so that they line up with those
+  // pairs (a key that no row of the panel attends, taken in to round a step, is removed as -inf).
+  static void run_panels_bf16(const Problem& p, const Plan& plan, const OuterOffsets& o, int64_t nr,
+                              int64_t jlo, int64_t jhi, Scratch<T>& ws) {
+    const RowInfo* rows = ws.rows;
+    const panel::PanelSplit panels(nr);
+    load_panels_bf16(p, panels, ws);
+    const View &kv = p.view(Operand::key), &vv = p.view(Operand::value);
+    const auto* k = static_cast<const uint16_t*>(kv.data) + o[Operand::key];
+    const auto* v = static_cast<const uint16_t*>(vv.data) + o[Operand::value];
+    auto* vp = reinterpret_cast<uint32_t*>(ws.Vc);
+    for (int64_t j0 = jlo; j0 < jhi && !plan.stop(); j0 += ws.kb) {
+      const int64_t nk = std::min(ws.kb, jhi - j0);
+      const uint16_t* kb = k + j0 * kv.row_stride;
+      const uint16_t* vb = v + j0 * vv.row_stride;
+      panel_bf16::pairs_of_v(vb, vv.row_stride, nk, p.Ev, vp);
+      const bool v_finite =
+          all_attend(rows, nr, j0, j0 + nk) || panel_bf16::all_finite(vb, vv.row_stride, nk, p.Ev);
+      for (int64_t pi = 0; pi < panels.n_panels; ++pi) {
+        const int64_t r0 = panels.first_row(pi), pr = panels.rows(pi);
+        const KeySpan span = attended_keys(rows + r0, pr, j0, j0 + nk);
+        if (span.lo >= span.hi) continue;
+        const int64_t c0 = (span.lo - j0) & ~int64_t{1};
+        const int64_t c1 = std::min(nk, (span.hi - j0 + 1) & ~int64_t{1});
+        for (int64_t s0 = c0; s0 < c1; s0 += plan.panel_step_keys) {  // (an even step)
+          const int64_t s1 = std::min(c1, s0 + plan.panel_step_keys);
+          const bool full = all_attend(rows + r0, pr, j0 + s0, j0 + s1);
+          PanelBlock blk{};
+          blk.E = p.E;
+          blk.Ev = p.Ev;
+          blk.kh = kb + s0 * kv.row_stride;
+          blk.ldk = kv.row_stride;
+          blk.vh = vb + s0 * vv.row_stride;
+          blk.ldv = vv.row_stride;
+          blk.vp = vp + s0 / 2 * p.Ev;
+          blk.nc = s1 - s0;
+          blk.pv_keys = plan.panel_pv_keys;
+          blk.v_finite = v_finite;
+          blk.rows = full ? nullptr : rows + r0;
+          blk.n_rows = pr;
+          blk.j_first = j0 + s0;
+          blk.qt = ws.Qs + r0 * p.E;
+          blk.pt = ws.Sb + r0 * ws.kb;
+          blk.acc = ws.acc + r0 * p.Ev;
+          blk.m = ws.m + r0;
+          blk.l = ws.l + r0;
+          blk.scale = static_cast<T>(p.opt.scale);
+          panel_block_bf16(blk, panels.packets(pi));
+        }
+      }
+    }
+  }
+
+  // Per panel: Q^T pairs ((E + 1) / 2 x ld words, unscaled; padding lanes 0), acc^T = 0,
+  // m = -inf, l = 0.
+  static void load_panels_bf16(const Problem& p, const panel::PanelSplit& panels, Scratch<T>& ws) {
+    const auto* q = static_cast<const uint16_t*>(p.view(Operand::query).data);
+    const int64_t qcs = p.view(Operand::query).col_stride, E2 = (p.E + 1) / 2;
+    auto* tr = reinterpret_cast<uint32_t*>(ws.Tr);  // (kW x E2 words)
+    uint16_t row[2];
+    for (int64_t pi = 0; pi < panels.n_panels; ++pi) {
+      const int64_t r0 = panels.first_row(pi), pr = panels.rows(pi), ld = panels.ld(pi);
+      auto* qp = reinterpret_cast<uint32_t*>(ws.Qs + r0 * p.E);
+      for (int64_t i0 = 0; i0 < ld; i0 += simd::kW) {
+        for (int64_t i = 0; i < simd::kW; ++i) {
+          uint32_t* dst = tr + i * E2;
+          const RowInfo& ri = ws.rows[r0 + std::min(i0 + i, pr - 1)];
+          if (i0 + i >= pr || ri.absent) {  // (past the tile, or a packed call's padding row)
+            std::fill(dst, dst + E2, 0u);
+            continue;
+          }
+          const uint16_t* src = q + ri.q_off;
+          for (int64_t e = 0; e < E2; ++e) {  // (any column stride)
+            row[0] = src[2 * e * qcs];
+            row[1] = 2 * e + 1 < p.E ? src[(2 * e + 1) * qcs] : uint16_t{0};
+            std::memcpy(dst + e, row, sizeof row);
+          }
+        }
+        panel::transpose_to_lanes(reinterpret_cast<const float*>(tr), E2, E2,
+                                  reinterpret_cast<float*>(qp + i0), ld);
+      }
+      std::fill(ws.acc + r0 * p.Ev, ws.acc + r0 * p.Ev + ld * p.Ev, T(0));
+      std::fill(ws.m + r0, ws.m + r0 + ld, kNegInf);
+      std::fill(ws.l + r0, ws.l + r0 + ld, T(0));
+    }
+  }
+
+  static void panel_block_bf16(const PanelBlock& b, int64_t packets) {
+    switch (packets) {
+      case 1:
+        return panel_block_bf16<1>(b);
+      case 2:
+        return panel_block_bf16<2>(b);
+      default:
+        return panel_block_bf16<panel::kMaxPackets>(b);
+    }
+  }
+
+  template <int MP>
+  static void panel_block_bf16(const PanelBlock& b) {
+    using panel::kNR;
+    using simd::Packet;
+    constexpr int64_t ld = MP * simd::kW;
+    const auto* qp = reinterpret_cast<const uint32_t*>(b.qt);
+    const Packet scale = Eigen::internal::pset1<Packet>(b.scale);
+    // P^T (nc x ld) = scale * K_blk (nc x E) Q_panel^T (E x ld), and its per-row max.
+    Packet vmax[MP];
+    for (auto& x : vmax) x = Eigen::internal::pset1<Packet>(kNegInf);
+    int64_t c = 0;
+    constexpr int kSNR = panel::kScoreNR;
+    for (; c + kSNR <= b.nc; c += kSNR)
+      panel_bf16::score_tile<MP, kSNR>(qp, b.E, b.kh + c * b.ldk, b.ldk, b.pt + c * ld, vmax,
+                                       scale);
+    for (; c < b.nc; ++c)
+      panel_bf16::score_tile<MP, 1>(qp, b.E, b.kh + c * b.ldk, b.ldk, b.pt + c * ld, vmax, scale);
+    if (b.rows) remove_keys<MP>(b, vmax);
+    Packet alpha[MP];
+    panel::softmax_step<MP>(b.pt, b.nc, vmax, b.m, b.l, alpha);
+    if (b.rows && !b.v_finite) return confined_panel_pv<MP>(b, alpha);
+
+    // acc^T (Ev x ld) = alpha * acc^T + V_blk^T P^T, P rounded to bf16 pairs, keys in chunks of
+    // pv_keys (even) as in panel_block.
+    panel_bf16::pairs_of_p<MP>(b.pt, b.nc);
+    const auto* pp = reinterpret_cast<const uint32_t*>(b.pt);
+    for (int64_t c0 = 0; c0 < b.nc; c0 += b.pv_keys) {
+      const int64_t n2 = (std::min(b.pv_keys, b.nc - c0) + 1) / 2;
+      const Packet* sc = c0 == 0 ? alpha : nullptr;
+      const uint32_t* pc = pp + c0 / 2 * ld;
+      const uint32_t* vc = b.vp + c0 / 2 * b.Ev;
+      int64_t d = 0;
+      for (; d + kNR <= b.Ev; d += kNR)
+        panel_bf16::pv_tile<MP, kNR>(pc, n2, vc + d, b.Ev, b.acc + d * ld, sc);
+      for (; d < b.Ev; ++d) panel_bf16::pv_tile<MP, 1>(pc, n2, vc + d, b.Ev, b.acc + d * ld, sc);
+    }
+  }
+#endif
 
   // ---- Entry points ----
 
