@@ -110,11 +110,19 @@ inline void convert_row(Dst* dst, int64_t ds, const Src* src, int64_t ss, int64_
     using In = PacketOf<Src>;
     using Out = PacketOf<Dst>;
     constexpr int64_t W = ei::packet_traits<float>::size;  // the width of PacketF
-    const PacketF m = ei::pset1<PacketF>(mul);
-    for (; c + W <= n; c += W) {
-      const PacketF x = In::to_float(ei::ploadu<typename In::type>(src + c));
-      ei::pstoreu(dst + c, Out::from_float(ei::pmul(x, m)));
+    if (mul == T(1)) {                                     // (K and V rows: a plain conversion)
+      for (; c + W <= n; c += W)
+        ei::pstoreu(dst + c, Out::from_float(In::to_float(ei::ploadu<typename In::type>(src + c))));
+    } else {
+      const PacketF m = ei::pset1<PacketF>(mul);
+      for (; c + W <= n; c += W) {
+        const PacketF x = In::to_float(ei::ploadu<typename In::type>(src + c));
+        ei::pstoreu(dst + c, Out::from_float(ei::pmul(x, m)));
+      }
     }
+    // (the tail element by element: an Eigen expression costs more than a few conversions)
+    for (; c < n; ++c) dst[c] = static_cast<Dst>(static_cast<T>(src[c]) * mul);
+    return;
   }
 #endif
   Eigen::Map<RowVec<Dst>>(dst + c, n - c) =
