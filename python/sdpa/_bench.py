@@ -24,7 +24,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -337,6 +337,27 @@ def _arrays(shape: Shape) -> tuple[Any, ...]:
     return rq, rk, rv, f32
 
 
+def _own_timers(shape: Shape) -> dict[str, Timer]:
+    """sdpa itself on the same shape in other storage, in the same rounds, for the ratios the
+    half-precision and 8-bit rows are judged by: float32 throughout ("fp32") for every such row,
+    and all-bfloat16 ("bf16") for a float32 query over a bfloat16 cache."""
+    import sdpa
+
+    timers: dict[str, Timer] = {}
+    if shape.plain_fp32:
+        return timers
+    others = {"fp32": replace(shape, dtype="float32", kv="")}
+    if shape.kv == "bfloat16" and shape.dtype == "float32":
+        others["bf16"] = replace(shape, dtype="bfloat16", kv="")
+    for name, other in others.items():
+        q, k, v, _ = _arrays(other)
+        kw = {"is_causal": shape.causal, "enable_gqa": shape.Hq != shape.Hkv}
+        timers[name] = LocalTimer(
+            functools.partial(sdpa.scaled_dot_product_attention, q, k, v, **kw)
+        )
+    return timers
+
+
 def _peer_timers(shape: Shape, arrays: tuple[Any, ...], threads: int) -> dict[str, Timer]:
     """ONNX Runtime and OpenVINO on the row, where installed and where they take its dtypes:
     ORT in float32/float16 on the same arrays; OpenVINO on float32 copies with the f32 hint for
@@ -457,6 +478,7 @@ def _measure(shape: Shape, ctx: _Context) -> dict[str, Any]:
         timers["torch_gemm"] = LocalTimer(ctx.torch_gemm[0])
     if shape.decode_like:
         timers["read"] = LocalTimer(ctx.read[0])
+    timers.update(_own_timers(shape))
     if ctx.peers:
         timers.update(_peer_timers(shape, arrays, ctx.threads))
     if ctx.against is not None:
@@ -501,7 +523,7 @@ def _row(shape: Shape, t: dict[str, float], ctx: _Context) -> dict[str, Any]:
     if "torch" in t:
         row["torch_ms"] = t["torch"] * 1e3
         row["vs_torch"] = t["torch"] / ours
-    for peer in ("ort", "ov", "against"):
+    for peer in ("fp32", "bf16", "ort", "ov", "against"):
         if peer in t:
             row[f"{peer}_ms"] = t[peer] * 1e3
             row[f"vs_{peer}"] = t[peer] / ours
@@ -541,7 +563,7 @@ def _machine() -> str:
 _HEADER = (
     f"{'shape':<18} {'sdpa ms':>9} {'GFLOP/s':>8} {'of GEMM':>8} {'of tGEMM':>9} {'vs naive':>9} "
     f"{'vs torch':>9} {'vs ORT':>8} {'vs OV':>8} {'KV GB/s':>8} {'of BW':>6} {'vs full':>8} "
-    f"{'vs base':>8}"
+    f"{'vs fp32':>8} {'vs base':>8}"
 )
 
 
@@ -557,7 +579,9 @@ def _print_row(row: dict[str, Any]) -> None:
         f"{_fmt(row.get('vs_naive'), '>8.2f', 'x')} {_fmt(row.get('vs_torch'), '>8.2f', 'x')} "
         f"{_fmt(row.get('vs_ort'), '>7.2f', 'x')} {_fmt(row.get('vs_ov'), '>7.2f', 'x')} "
         f"{_fmt(row.get('kv_gbps'), '>8.1f')} {_fmt(row.get('bandwidth_fraction'), '>6.0%')} "
-        f"{_fmt(row.get('vs_full'), '>7.1f', 'x')} {_fmt(row.get('vs_against'), '>7.3f', 'x')}",
+        f"{_fmt(row.get('vs_full'), '>7.1f', 'x')} {_fmt(row.get('vs_fp32'), '>7.2f', 'x')} "
+        f"{_fmt(row.get('vs_against'), '>7.3f', 'x')}"
+        + (f"  (vs all-bf16 {row['vs_bf16']:.2f}x)" if "vs_bf16" in row else ""),
         flush=True,
     )
 

@@ -203,8 +203,8 @@ struct Kernel {
           const ConstMatMap<T> Vc =
               key_side_block<T>(p, Operand::value, o[Operand::value], o[Operand::value_scales],
                                 j0 + c0, n, p.Ev, ws.Vc);
-          few_rows::accumulate_cached(ws.Sb + c0, ws.kb, nr, Vc.data(), Vc.outerStride(), n, p.Ev,
-                                      ws.acc, p.Ev);
+          few_rows::accumulate(ws.Sb + c0, ws.kb, nr, Vc.data(), Vc.outerStride(), n, p.Ev, ws.acc,
+                               p.Ev);
         }
         return;
       }
@@ -229,6 +229,45 @@ struct Kernel {
         for (int64_t r = 0; r < nr; ++r) acc.row(r) += Sb(r, c) * Vb.row(c);
     } else {
       acc.noalias() += Sb * Vb;
+    }
+  }
+
+  // Whether the few-row loops read key-side operand `which` in place in its storage type
+  // (float16, bfloat16, q8 with scale blocks of whole packets) rather than a converted block.
+  static bool direct(const Problem& p, Operand which) {
+    if (p.view(which).col_stride != 1) return false;
+    switch (p.kv_dtype) {
+      case DType::f16:
+      case DType::bf16:
+        return true;
+      case DType::q8:
+        return p.kv_block % simd::kW == 0 && p.view(scales_of(which)).col_stride == 1;
+      default:  // (float32 is mapped: read in place already)
+        return false;
+    }
+  }
+
+  // f(few_rows::Rows<S>) over the rows of key-side operand `which` from key j0, in storage S.
+  template <typename F>
+  static void with_rows(const Problem& p, Operand which, const OuterOffsets& o, int64_t j0, F&& f) {
+    const View& v = p.view(which);
+    const int64_t off = o[which] + j0 * v.row_stride;
+    switch (p.kv_dtype) {
+      case DType::f16:
+        return f(few_rows::Rows<Eigen::half>{static_cast<const Eigen::half*>(v.data) + off,
+                                             v.row_stride});
+      case DType::bf16:
+        return f(few_rows::Rows<Eigen::bfloat16>{static_cast<const Eigen::bfloat16*>(v.data) + off,
+                                                 v.row_stride});
+      case DType::q8: {
+        const Operand so = scales_of(which);
+        const View& sv = p.view(so);
+        const auto* d = static_cast<const Eigen::half*>(sv.data) + o[so] + j0 * sv.row_stride;
+        return f(few_rows::Rows<int8_t>{static_cast<const int8_t*>(v.data) + off, v.row_stride, d,
+                                        sv.row_stride, p.kv_block});
+      }
+      default:
+        return;
     }
   }
 
@@ -311,18 +350,15 @@ struct Kernel {
     };
     bool done = false;
     if constexpr (std::is_same_v<T, float>) {
-      if (path == Path::few_rows) {  // one pass over the keys; each K row serves every query row
-        if (mappable<T>(p, Operand::key)) {  // streamed from memory, row after row
+      if (path == Path::few_rows) {     // one pass over the keys; each K row serves every query row
+        if (direct(p, Operand::key)) {  // K read in its storage, converted in registers
+          with_rows(p, Operand::key, o, j0, [&](const auto& k) {
+            few_rows::scores(Qtile.data(), nr, p.E, k, nk, ws.Sb, ws.kb);
+          });
+        } else {  // (float32: streamed from memory, row after row; K read in place)
           const ConstMatMap<T> Kb = key_block();
-          few_rows::scores(Qtile.data(), nr, p.E, Kb.data(), Kb.outerStride(), nk, ws.Sb, ws.kb);
-        } else {  // converted in registers a chunk at a time, into L1
-          for (int64_t c0 = 0; c0 < nk; c0 += plan.few_rows_pv_keys) {
-            const int64_t n = std::min(plan.few_rows_pv_keys, nk - c0);
-            const ConstMatMap<T> Kc = key_side_block<T>(
-                p, Operand::key, o[Operand::key], o[Operand::key_scales], j0 + c0, n, p.E, ws.Kc);
-            few_rows::scores_cached(Qtile.data(), nr, p.E, Kc.data(), Kc.outerStride(), n,
-                                    ws.Sb + c0, ws.kb);
-          }
+          few_rows::scores(Qtile.data(), nr, p.E,
+                           few_rows::Rows<float>{Kb.data(), Kb.outerStride()}, nk, ws.Sb, ws.kb);
         }
         done = true;
       }
