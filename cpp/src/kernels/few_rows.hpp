@@ -60,6 +60,23 @@ struct Rows {
   float value(int64_t e) const { return static_cast<float>(x[e]) * scale(e); }
 };
 
+// out[i] = the sum of the lanes of a[i], i < 4: one transposing tree instead of 4 reductions.
+inline void predux4(const Packet* a, float* out) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  __m256 h[4];
+  for (int n = 0; n < 4; ++n)
+    h[n] = _mm256_add_ps(_mm512_castps512_ps256(a[n]),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[n]), 1)));
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+#elif defined(EIGEN_VECTORIZE_AVX)
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+#else
+  for (int n = 0; n < 4; ++n) out[n] = ei::predux(a[n]);
+#endif
+}
+
 // s[i * lds] = q_i . k for i < R: q rows E apart, k one row of E elements. Each K packet loaded
 // serves all R rows.
 template <int R, typename S>
@@ -80,11 +97,17 @@ inline void dot_block(const float* q, int64_t E, const Rows<S>& k, float* s, int
       for (int i = 0; i < R; ++i) acc[i] = ei::pmadd(ei::ploadu<Packet>(q + i * E + e), y, acc[i]);
     }
   }
+  float t[R];
+  if constexpr (R == 4) {
+    predux4(acc, t);
+  } else {
+    SDPA_UNROLL
+    for (int i = 0; i < R; ++i) t[i] = ei::predux(acc[i]);
+  }
   SDPA_UNROLL
   for (int i = 0; i < R; ++i) {
-    float t = ei::predux(acc[i]);
-    for (int64_t e = Ew; e < E; ++e) t += q[i * E + e] * k.value(e);
-    s[i * lds] = t;
+    for (int64_t e = Ew; e < E; ++e) t[i] += q[i * E + e] * k.value(e);
+    s[i * lds] = t[i];
   }
 }
 
