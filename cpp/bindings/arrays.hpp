@@ -42,6 +42,12 @@ inline std::optional<sdpa::DType> dtype_of(const py::dtype& dt) {
   return std::nullopt;
 }
 
+// The key-side DType of a NumPy dtype: a storage DType, or q8 for int8 (values of q8 blocks).
+inline std::optional<sdpa::DType> kv_dtype_of(const py::dtype& dt) {
+  if (dt.kind() == 'i' && dt.itemsize() == 1) return sdpa::DType::q8;
+  return dtype_of(dt);
+}
+
 // Whether a dtype is in the machine's byte order ('=' native, '|' not applicable).
 inline bool is_native(const py::dtype& dt) {
   const char bo = dt.byteorder();

@@ -25,6 +25,7 @@ using sdpa::Operand;
 using sdpa::OperandSpec;
 using sdpa_binding::dtype_of;
 using sdpa_binding::is_native;
+using sdpa_binding::kv_dtype_of;
 using sdpa_binding::make_view;
 using sdpa_binding::may_overlap;
 using sdpa_binding::nested_layout;
@@ -45,6 +46,10 @@ int64_t extent(const sdpa::Problem& p, Axis axis) {
       return p.E;
     case Axis::Ev:
       return p.Ev;
+    case Axis::Ek:
+      return p.kv_blocks(p.E);
+    case Axis::Evk:
+      return p.kv_blocks(p.Ev);
     default:
       return 0;
   }
@@ -60,6 +65,8 @@ bool has_elem(const py::array& a, Elem elem, const sdpa::Problem& p, const py::d
   switch (elem) {
     case Elem::storage:
       return dt.equal(storage);
+    case Elem::kv_storage:
+      return kv_dtype_of(dt) == p.kv_dtype;
     case Elem::compute:
       return dt.kind() == 'f' && static_cast<size_t>(dt.itemsize()) == sdpa::compute_size(p.dtype);
     case Elem::u8:
@@ -68,6 +75,8 @@ bool has_elem(const py::array& a, Elem elem, const sdpa::Problem& p, const py::d
       return dt.kind() == 'f' && dt.itemsize() == 8;
     case Elem::i64:
       return dt.kind() == 'i' && dt.itemsize() == 8;
+    case Elem::f16:
+      return dt.kind() == 'f' && dt.itemsize() == 2 && dtype_of(dt) == sdpa::DType::f16;
   }
   return false;
 }
@@ -121,13 +130,19 @@ sdpa::Options options_from(py::handle record) {
 }
 
 // The problem of a call: `operands` maps the names of kOperandSpecs to arrays already laid out
-// (batch..., G, core...), absent or None for optional ones; `record` is the options record.
-sdpa::Problem problem_from(const py::dict& operands, py::handle record) {
+// (batch..., G, core...), absent or None for optional ones; `record` is the options record;
+// kv_block > 0 says that key and value are q8 (int8) with a scale per kv_block elements.
+sdpa::Problem problem_from(const py::dict& operands, py::handle record, int64_t kv_block) {
   sdpa::Problem p;
   const py::array q = operand_array(operands, "query");
   const auto dtype = dtype_of(q.dtype());
   if (!dtype) fail("query", "unsupported dtype");
   p.dtype = *dtype;
+  const auto kv_dtype = kv_dtype_of(operand_array(operands, "key").dtype());
+  if (!kv_dtype) fail("key", "unsupported dtype");
+  p.kv_dtype = *kv_dtype;
+  if ((p.kv_dtype == sdpa::DType::q8) != (kv_block > 0)) fail("kv_block", "int8 key/value only");
+  p.kv_block = kv_block;
   const int nbatch = static_cast<int>(q.ndim()) - 2;
   if (nbatch < 1 || nbatch > sdpa::kMaxBatchDims)
     fail("query", "number of batch dims out of range");
@@ -156,6 +171,9 @@ sdpa::Problem problem_from(const py::dict& operands, py::handle record) {
   }
   if (seen != operands.size()) fail("operands", "an unknown name among them");
   if (p.has(Operand::bool_mask) && p.has(Operand::float_mask)) fail("masks", "at most one");
+  const bool q8 = p.kv_dtype == sdpa::DType::q8;
+  if (q8 != p.has(Operand::key_scales) || q8 != p.has(Operand::value_scales))
+    fail("key_scales/value_scales", "given exactly when key and value are int8");
   p.opt = options_from(record);
   return p;
 }
@@ -178,14 +196,15 @@ void run_interruptibly(sdpa::Problem& p) {
 }
 
 // attention(operands, record): the general route, for calls the Python layer has prepared.
-void attention(const py::dict& operands, py::handle record) {
-  sdpa::Problem p = problem_from(operands, record);
+void attention(const py::dict& operands, py::handle record, int64_t kv_block) {
+  sdpa::Problem p = problem_from(operands, record, kv_block);
   run_interruptibly(p);
 }
 
 // The inner path (a name from kPathNames) that the first row tile of a call would take.
-std::string inner_path(const py::dict& operands, py::handle record) {
-  return sdpa::kPathNames[static_cast<int>(sdpa::path_of(problem_from(operands, record)))];
+std::string inner_path(const py::dict& operands, py::handle record, int64_t kv_block) {
+  return sdpa::kPathNames[static_cast<int>(
+      sdpa::path_of(problem_from(operands, record, kv_block)))];
 }
 
 // The direct route for the most common call: q, k, v plain aligned native ndarrays of one dtype
@@ -284,7 +303,7 @@ class Direct {
     // (a scale above 1 may make the float query overflow, which needs float64 computation:
     // the Python layer checks it)
     if (*dtype != sdpa::DType::f64 && std::abs(scale_) > 1) return false;
-    p_.dtype = *dtype;
+    p_.dtype = p_.kv_dtype = *dtype;
     p_.nbatch = nb_ + 1;  // plus the group dim G
     for (int d = 0; d < nb_; ++d) p_.batch_shape[d] = k.shape(d);
     p_.batch_shape[nb_] = groups_;
@@ -407,10 +426,11 @@ extern "C" SDPA_EXPORT void sdpa_set_num_threads(int n) { sdpa::set_num_threads(
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "sdpa driver and binding (baseline instructions; kernels live in _kernel_<isa>)";
-  m.def("attention", &attention, py::arg("operands"), py::arg("options"));
+  m.def("attention", &attention, py::arg("operands"), py::arg("options"), py::arg("kv_block") = 0);
   m.def("attention_direct", &attention_direct);
   m.def("set_plain_defaults", &set_plain_defaults, py::arg("defaults"));
-  m.def("inner_path", &inner_path, py::arg("operands"), py::arg("options"));
+  m.def("inner_path", &inner_path, py::arg("operands"), py::arg("options"),
+        py::arg("kv_block") = 0);
   m.def("set_kernel", &set_kernel);
   m.def("kernel_info", &kernel_info);
   m.def("cpu_features", &cpu_features);
@@ -422,6 +442,9 @@ PYBIND11_MODULE(_core, m) {
   py::tuple dtypes(sdpa::kDTypeCount);
   for (int d = 0; d < sdpa::kDTypeCount; ++d) dtypes[d] = sdpa::kDTypeNames[d];
   m.attr("dtypes") = dtypes;
+  py::tuple kv_dtypes(sdpa::kKvDTypeCount);
+  for (int d = 0; d < sdpa::kKvDTypeCount; ++d) kv_dtypes[d] = sdpa::kDTypeNames[d];
+  m.attr("kv_dtypes") = kv_dtypes;
   py::list operands;
   for (const auto& spec : sdpa::kOperandSpecs) operands.append(spec.name);
   m.attr("operands") = operands;

@@ -20,6 +20,7 @@ from ._cache import KVCache
 from ._config import get_num_threads, set_num_threads, show_config
 from ._layer import MultiheadAttention
 from ._merge import merge_attention
+from ._quant import QuantizedKV, quantize_kv
 from ._varlen import varlen_attention
 from ._version import __version__
 from .api import attention_weights, scaled_dot_product_attention
@@ -27,10 +28,12 @@ from .api import attention_weights, scaled_dot_product_attention
 __all__ = [
     "KVCache",
     "MultiheadAttention",
+    "QuantizedKV",
     "__version__",
     "attention_weights",
     "get_num_threads",
     "merge_attention",
+    "quantize_kv",
     "reference",
     "scaled_dot_product_attention",
     "set_num_threads",

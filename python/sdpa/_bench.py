@@ -3,7 +3,11 @@
 Per shape it prints sdpa's GFLOP/s (4*B*Hq*L*S*E, halved for causal L == S; for a sliding
 window, the pairs it attends), that rate as a fraction of the machine's fp32 GEMM rate measured
 in the same run (NumPy matmul 2048^3, and PyTorch's when installed), and the speed ratio against
-naive NumPy and against PyTorch's CPU scaled_dot_product_attention when PyTorch is installed.
+naive NumPy and against PyTorch's CPU scaled_dot_product_attention when PyTorch is installed, and
+against ONNX Runtime's Attention op (opset 23) and OpenVINO's scaled_dot_product_attention (f32
+precision hint for float32 rows, bf16 for bfloat16 rows) when those are installed. Rows named
+-bf16/-fp16 run in bfloat16/float16; -f32q-bf16kv is a float32 query over a bfloat16 cache and
+-int8kv a float32 query over a QuantizedKV (8-bit) cache.
 Decode-like shapes also report the K/V read bandwidth and its fraction of the machine's read
 bandwidth (same thread count) measured in the same run; the sliding-window shape reports its
 speed-up over full attention on the same shape.
@@ -20,7 +24,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -38,6 +42,8 @@ class Shape:
     causal: bool = False
     window: tuple[int | None, int | None] | None = None
     cache: bool = False  # decode through a KVCache, timed against the same call on its views
+    dtype: str = "float32"  # of the query (and of key and value unless kv says otherwise)
+    kv: str = ""  # key/value storage when it differs: "bfloat16", "float16" or "int8"
 
     @property
     def flops(self) -> float:
@@ -63,7 +69,14 @@ class Shape:
 
     @property
     def kv_bytes(self) -> float:
-        return 2.0 * self.B * self.Hkv * self.S * self.E * 4
+        """Bytes of K and V read: 4 (float32), 2 (half) or 1 + 2/32 (int8 with a float16 scale
+        per 32) per element."""
+        per = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0 + 2 / 32}
+        return 2.0 * self.B * self.Hkv * self.S * self.E * per[self.kv or self.dtype]
+
+    @property
+    def plain_fp32(self) -> bool:
+        return self.dtype == "float32" and not self.kv
 
 
 SUITE = [
@@ -77,6 +90,14 @@ SUITE = [
     Shape("decode", 4, 32, 8, 1, 4096, 128),
     Shape("window", 1, 8, 8, 8192, 8192, 64, window=(256, 0)),
     Shape("decode-cache", 1, 8, 2, 1, 256, 64, cache=True),  # small: the overhead shows
+    Shape("bert-batch-bf16", 8, 12, 12, 512, 512, 64, dtype="bfloat16"),
+    Shape("bert-batch-fp16", 8, 12, 12, 512, 512, 64, dtype="float16"),
+    Shape("llm-prefill-bf16", 1, 32, 32, 2048, 2048, 128, causal=True, dtype="bfloat16"),
+    Shape("llm-prefill-fp16", 1, 32, 32, 2048, 2048, 128, causal=True, dtype="float16"),
+    Shape("decode-bf16", 4, 32, 8, 1, 4096, 128, dtype="bfloat16"),
+    Shape("decode-fp16", 4, 32, 8, 1, 4096, 128, dtype="float16"),
+    Shape("decode-f32q-bf16kv", 4, 32, 8, 1, 4096, 128, kv="bfloat16"),
+    Shape("decode-int8kv", 4, 32, 8, 1, 4096, 128, kv="int8"),
 ]
 QUICK = ("seed", "bert", "vit", "gqa-prefill", "decode", "window")
 
@@ -143,7 +164,19 @@ for line in sys.stdin:
         q = rng.standard_normal((d["B"], d["Hq"], d["L"], d["E"]), dtype=np.float32)
         k = rng.standard_normal((d["B"], d["Hkv"], d["S"], d["E"]), dtype=np.float32)
         v = rng.standard_normal((d["B"], d["Hkv"], d["S"], d["E"]), dtype=np.float32)
-        out = np.empty_like(q)
+        kv = d.get("kv") or d.get("dtype", "float32")
+        if kv == "int8" and not hasattr(sdpa, "quantize_kv"):
+            print(json.dumps({"version": sdpa.__version__, "skip": True}), flush=True)
+            continue
+        if d.get("dtype", "float32") != "float32":
+            import ml_dtypes
+            q = q.astype(getattr(ml_dtypes, d["dtype"], None) or d["dtype"])
+        if kv == "int8":
+            k, v = sdpa.quantize_kv(k), sdpa.quantize_kv(v)
+        elif kv != "float32":
+            import ml_dtypes
+            k, v = (x.astype(getattr(ml_dtypes, kv, None) or kv) for x in (k, v))
+        out = None
         kw = {"is_causal": d["causal"], "enable_gqa": d["Hq"] != d["Hkv"], "out": out}
         if d["window"] is not None:
             kw["window"] = tuple(d["window"])
@@ -182,8 +215,10 @@ class RemoteTimer(Timer):
             raise RuntimeError("the --against interpreter stopped; see its error above")
         return json.loads(answer)
 
-    def set_shape(self, shape: Shape, threads: int) -> str:
-        return str(self._ask({"shape": asdict(shape), "threads": threads})["version"])
+    def set_shape(self, shape: Shape, threads: int) -> str | None:
+        """Sets the shape up; its sdpa version, or None when that build cannot run it."""
+        answer = self._ask({"shape": asdict(shape), "threads": threads})
+        return None if answer.get("skip") else str(answer["version"])
 
     def round(self, budget: float) -> list[float]:
         return list(self._ask({"budget": budget}))
@@ -254,14 +289,17 @@ def _naive(q: np.ndarray, k: np.ndarray, v: np.ndarray, shape: Shape) -> np.ndar
 def _torch_fn(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, shape: Shape
 ) -> Callable[[], Any] | None:
+    """PyTorch's CPU scaled_dot_product_attention in the row's dtype (none for a window or a
+    key/value storage that differs from the query's, which it does not take)."""
     try:
         import torch
         import torch.nn.functional as F
     except ImportError:
         return None
-    if shape.window is not None:
+    if shape.window is not None or shape.kv:
         return None
-    tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    tq, tk, tv = (torch.from_numpy(x.astype(np.float32)).to(dtype[shape.dtype]) for x in (q, k, v))
     kwargs: dict[str, Any] = {"is_causal": shape.causal}
     if shape.Hq != shape.Hkv:
         kwargs["enable_gqa"] = True
@@ -271,6 +309,75 @@ def _torch_fn(
             return F.scaled_dot_product_attention(tq, tk, tv, **kwargs)
 
     return run
+
+
+def _arrays(shape: Shape) -> tuple[Any, ...]:
+    """The row's q, k, v in its dtypes (k and v as QuantizedKV for an int8 cache), and their
+    float32 originals (what the OpenVINO column is given)."""
+    import sdpa
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((shape.B, shape.Hq, shape.L, shape.E), dtype=np.float32)
+    k = rng.standard_normal((shape.B, shape.Hkv, shape.S, shape.E), dtype=np.float32)
+    v = rng.standard_normal((shape.B, shape.Hkv, shape.S, shape.E), dtype=np.float32)
+    f32: tuple[np.ndarray, ...] = (q, k, v)
+
+    def as_type(x: np.ndarray, name: str) -> Any:
+        if name == "bfloat16":
+            import ml_dtypes
+
+            return x.astype(ml_dtypes.bfloat16)
+        if name == "int8":
+            return sdpa.quantize_kv(x)
+        return x.astype(name)
+
+    kv = shape.kv or shape.dtype
+    # (the float32 originals rounded to the row's dtype, so that every column computes the same)
+    rq, rk, rv = as_type(q, shape.dtype), as_type(k, kv), as_type(v, kv)
+    if kv != "int8":
+        f32 = tuple(np.asarray(x, np.float32) for x in (rq, rk, rv))
+    return rq, rk, rv, f32
+
+
+def _own_timers(shape: Shape) -> dict[str, Timer]:
+    """sdpa itself on the same shape in other storage, in the same rounds, for the ratios the
+    half-precision and 8-bit rows are judged by: float32 throughout ("fp32") for every such row,
+    and all-bfloat16 ("bf16") for a float32 query over a bfloat16 cache."""
+    import sdpa
+
+    timers: dict[str, Timer] = {}
+    if shape.plain_fp32:
+        return timers
+    others = {"fp32": replace(shape, dtype="float32", kv="")}
+    if shape.kv == "bfloat16" and shape.dtype == "float32":
+        others["bf16"] = replace(shape, dtype="bfloat16", kv="")
+    for name, other in others.items():
+        q, k, v, _ = _arrays(other)
+        kw = {"is_causal": shape.causal, "enable_gqa": shape.Hq != shape.Hkv}
+        timers[name] = LocalTimer(
+            functools.partial(sdpa.scaled_dot_product_attention, q, k, v, **kw)
+        )
+    return timers
+
+
+def _peer_timers(shape: Shape, arrays: tuple[Any, ...], threads: int) -> dict[str, Timer]:
+    """ONNX Runtime and OpenVINO on the row, where installed and where they take its dtypes:
+    ORT in float32/float16 on the same arrays; OpenVINO on float32 copies with the f32 hint for
+    float32 rows and the bf16 hint for bfloat16 rows."""
+    from ._peers import openvino_fn, ort_fn
+
+    q, k, v, f32 = arrays
+    timers: dict[str, Timer] = {}
+    if shape.window is not None or shape.kv:
+        return timers
+    fn = ort_fn(q, k, v, shape.causal, threads)
+    if fn is not None:
+        timers["ort"] = LocalTimer(fn)
+    hint = {"float32": "f32", "bfloat16": "bf16"}.get(shape.dtype)
+    fn = openvino_fn(f32[0], f32[1], f32[2], shape.causal, threads, hint) if hint else None
+    if fn is not None:
+        timers["ov"] = LocalTimer(fn)
+    return timers
 
 
 @dataclass
@@ -283,6 +390,7 @@ class _Context:
     gemm: Probe
     torch_gemm: Probe | None
     read: Probe
+    peers: bool = True  # ONNX Runtime and OpenVINO columns, where installed
     against: RemoteTimer | None = None
     against_version: str | None = None
     full_times: dict[tuple[int, ...], float] = field(default_factory=dict)
@@ -311,15 +419,21 @@ def _limit_threads(threads: int) -> tuple[str | None, Any]:
 
 
 def run_suite(
-    names: list[str], threads: int, budget: float, with_naive: bool, against: str | None = None
+    names: list[str],
+    threads: int,
+    budget: float,
+    with_naive: bool,
+    against: str | None = None,
+    peers: bool = True,
 ) -> dict[str, Any]:
     import sdpa
 
     torch_version, limits = _limit_threads(threads)
     # The yardsticks are timed with every shape, in the same alternating rounds as sdpa, so that
     # each fraction compares rates measured side by side (this machine's load moves).
+    remote = RemoteTimer(against) if against else None
     ctx = _Context(threads, budget, with_naive, _gemm_probe(), _torch_gemm_probe(),
-                   _read_probe(threads), RemoteTimer(against) if against else None)  # fmt: skip
+                   _read_probe(threads), peers, remote)  # fmt: skip
     rows = []
     for shape in SUITE:
         if shape.name in names:
@@ -357,11 +471,9 @@ def _measure(shape: Shape, ctx: _Context) -> dict[str, Any]:
 
     if shape.cache:
         return _measure_cache(shape, ctx)
-    rng = np.random.default_rng(0)
-    q = rng.standard_normal((shape.B, shape.Hq, shape.L, shape.E), dtype=np.float32)
-    k = rng.standard_normal((shape.B, shape.Hkv, shape.S, shape.E), dtype=np.float32)
-    v = rng.standard_normal((shape.B, shape.Hkv, shape.S, shape.E), dtype=np.float32)
-    out = np.empty_like(q)
+    arrays = _arrays(shape)
+    q, k, v, _ = arrays
+    out = np.empty(q.shape[:-1] + (shape.E,), q.dtype)
     kwargs = {"is_causal": shape.causal, "enable_gqa": shape.Hq != shape.Hkv, "out": out}
     if shape.window is not None:
         kwargs["window"] = shape.window
@@ -369,23 +481,28 @@ def _measure(shape: Shape, ctx: _Context) -> dict[str, Any]:
         "ours": LocalTimer(functools.partial(sdpa.scaled_dot_product_attention, q, k, v, **kwargs)),
         "gemm": LocalTimer(ctx.gemm[0]),
     }
-    tfn = _torch_fn(q, k, v, shape)
+    tfn = _torch_fn(q, k, v, shape) if not shape.kv else None
     if tfn is not None:
         timers["torch"] = LocalTimer(tfn)
     if ctx.torch_gemm is not None:
         timers["torch_gemm"] = LocalTimer(ctx.torch_gemm[0])
     if shape.decode_like:
         timers["read"] = LocalTimer(ctx.read[0])
+    timers.update(_own_timers(shape))
+    if ctx.peers:
+        timers.update(_peer_timers(shape, arrays, ctx.threads))
     if ctx.against is not None:
-        ctx.against_version = ctx.against.set_shape(shape, ctx.threads)
-        timers["against"] = ctx.against
+        version = ctx.against.set_shape(shape, ctx.threads)
+        if version is not None:
+            ctx.against_version = version
+            timers["against"] = ctx.against
     t = _median_times(timers, ctx.budget)
     if shape.window is not None:  # the speed-up over full attention on the same shape
         full = functools.partial(sdpa.scaled_dot_product_attention, q, k, v, out=out)
         t["full"] = ctx.full_times.get(shape.dims_key) or _median_time(full, ctx.budget)
-    elif not shape.causal:
+    elif not shape.causal and shape.plain_fp32:
         ctx.full_times[shape.dims_key] = t["ours"]
-    if ctx.with_naive and shape.window is None:
+    if ctx.with_naive and shape.window is None and shape.plain_fp32:
         t["naive"] = _median_time(functools.partial(_naive, q, k, v, shape), ctx.budget)
     return _row(shape, t, ctx)
 
@@ -445,9 +562,10 @@ def _row(shape: Shape, t: dict[str, float], ctx: _Context) -> dict[str, Any]:
     if "torch" in t:
         row["torch_ms"] = t["torch"] * 1e3
         row["vs_torch"] = t["torch"] / ours
-    if "against" in t:
-        row["against_ms"] = t["against"] * 1e3
-        row["vs_against"] = t["against"] / ours
+    for peer in ("fp32", "bf16", "ort", "ov", "against"):
+        if peer in t:
+            row[f"{peer}_ms"] = t[peer] * 1e3
+            row[f"vs_{peer}"] = t[peer] / ours
     return row
 
 
@@ -482,8 +600,9 @@ def _machine() -> str:
 
 
 _HEADER = (
-    f"{'shape':<12} {'sdpa ms':>9} {'GFLOP/s':>8} {'of GEMM':>8} {'of tGEMM':>9} {'vs naive':>9} "
-    f"{'vs torch':>9} {'KV GB/s':>8} {'of BW':>6} {'vs full':>8} {'vs base':>8}"
+    f"{'shape':<18} {'sdpa ms':>9} {'GFLOP/s':>8} {'of GEMM':>8} {'of tGEMM':>9} {'vs naive':>9} "
+    f"{'vs torch':>9} {'vs ORT':>8} {'vs OV':>8} {'KV GB/s':>8} {'of BW':>6} {'vs full':>8} "
+    f"{'vs fp32':>8} {'vs base':>8}"
 )
 
 
@@ -494,11 +613,14 @@ def _fmt(value: Any, spec: str, suffix: str = "") -> str:
 
 def _print_row(row: dict[str, Any]) -> None:
     print(
-        f"{row['shape']:<12} {row['sdpa_ms']:>9.3f} {row['gflops']:>8.1f} "
+        f"{row['shape']:<18} {row['sdpa_ms']:>9.3f} {row['gflops']:>8.1f} "
         f"{row['gemm_fraction']:>8.0%} {_fmt(row.get('torch_gemm_fraction'), '>9.0%')} "
         f"{_fmt(row.get('vs_naive'), '>8.2f', 'x')} {_fmt(row.get('vs_torch'), '>8.2f', 'x')} "
+        f"{_fmt(row.get('vs_ort'), '>7.2f', 'x')} {_fmt(row.get('vs_ov'), '>7.2f', 'x')} "
         f"{_fmt(row.get('kv_gbps'), '>8.1f')} {_fmt(row.get('bandwidth_fraction'), '>6.0%')} "
-        f"{_fmt(row.get('vs_full'), '>7.1f', 'x')} {_fmt(row.get('vs_against'), '>7.3f', 'x')}",
+        f"{_fmt(row.get('vs_full'), '>7.1f', 'x')} {_fmt(row.get('vs_fp32'), '>7.2f', 'x')} "
+        f"{_fmt(row.get('vs_against'), '>7.3f', 'x')}"
+        + (f"  (vs all-bf16 {row['vs_bf16']:.2f}x)" if "vs_bf16" in row else ""),
         flush=True,
     )
 
@@ -510,6 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--shapes", help="comma-separated shape names to run")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive NumPy timings")
+    parser.add_argument(
+        "--no-peers", action="store_true", help="skip the ONNX Runtime and OpenVINO columns"
+    )
     parser.add_argument(
         "--against",
         metavar="PYTHON",
@@ -535,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         f"sdpa {sdpa.__version__} bench: {_machine()}; {threads} threads; isa {sdpa._config.isa()}"
     )
     print(_HEADER, flush=True)
-    result = run_suite(names, threads, budget, not args.no_naive, args.against)
+    result = run_suite(names, threads, budget, not args.no_naive, args.against, not args.no_peers)
     rows = result["rows"]
     print(
         "yardsticks, timed with each shape: fp32 GEMM 2048^3 through NumPy "

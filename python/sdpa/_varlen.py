@@ -9,7 +9,8 @@ import numpy as np
 
 from . import _core
 from ._options import PER_HEAD, Options, takes_options
-from .api import _as_operand, _name, _native, _precision_of
+from ._quant import QuantizedKV
+from .api import _as_operand, _dtypes, _native, _precision_of
 
 __all__ = ["varlen_attention"]
 
@@ -41,10 +42,11 @@ def varlen_attention(
     Parameters
     ----------
     query : array_like, shape (total_q, Hq, E)
-    key : array_like, shape (total_k, Hkv, E)
-    value : array_like, shape (total_k, Hkv, Ev)
+    key : array_like or QuantizedKV, shape (total_k, Hkv, E)
+    value : array_like or QuantizedKV, shape (total_k, Hkv, Ev)
         Hq must be a multiple of Hkv (grouped-query attention: query head h reads key/value head
-        ``h // (Hq // Hkv)``). dtypes as in :func:`scaled_dot_product_attention`.
+        ``h // (Hq // Hkv)``). dtypes, mixed storage and QuantizedKV as in
+        :func:`scaled_dot_product_attention`.
     cu_seqlens_q, cu_seqlens_k : array_like of int, shape (batch + 1,)
         Cumulative offsets: 0 first, non-decreasing, ``total_q`` / ``total_k`` last.
     max_seqlen_q, max_seqlen_k : int, optional
@@ -77,7 +79,7 @@ def _run_packed(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Lays the packed arrays out as (sequence, Hkv, G, rows) views and runs the kernel."""
     starts_q, len_q, starts_k, len_k = seqs
-    dtype = np.result_type(q.dtype, k.dtype, v.dtype)
+    dtype, kv_dtype = _dtypes(q, k, v)
     kernel_dtype = _precision_of(opts, dtype, q)
     hq, hkv = q.shape[1], k.shape[1]
     groups = hq // hkv if hkv else 1
@@ -89,8 +91,8 @@ def _run_packed(
     if out.size or (lse is not None and lse.size):
         views = {
             "query": _sequences(_native(q, kernel_dtype), batch, L),
-            "key": _sequences(_native(k, kernel_dtype), batch[:2] + (1,), S),
-            "value": _sequences(_native(v, kernel_dtype), batch[:2] + (1,), S),
+            **_key_side("key", k, kv_dtype, batch[:2] + (1,), S),
+            **_key_side("value", v, kv_dtype, batch[:2] + (1,), S),
             "out": _sequences(out, batch, L),
             "q_starts": _per_sequence(starts_q, batch),
             "kv_starts": _per_sequence(starts_k, batch),
@@ -100,14 +102,16 @@ def _run_packed(
         }
         if lse is not None:
             views["lse"] = _sequences(lse[..., None], batch, L)[..., 0]
-        _core.attention(views, replace(opts, alignment="bottom_right", enable_gqa=groups > 1))
+        kv_block = k.block if isinstance(k, QuantizedKV) else 0
+        record = replace(opts, alignment="bottom_right", enable_gqa=groups > 1)
+        _core.attention(views, record, kv_block)
     if kernel_dtype != dtype:
         out = out.astype(dtype)
         lse = None if lse is None else lse.astype(np.float64 if dtype == np.float64 else np.float32)
     return out, lse
 
 
-def _packed_operands(query: Any, key: Any, value: Any) -> tuple[np.ndarray, ...]:
+def _packed_operands(query: Any, key: Any, value: Any) -> tuple[Any, ...]:
     q, k, v = (_as_operand(x, n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
     for name, a in (("query", q), ("key", k), ("value", v)):
         if a.ndim != 3:
@@ -123,16 +127,22 @@ def _packed_operands(query: Any, key: Any, value: Any) -> tuple[np.ndarray, ...]
             f"query heads (Hq={hq}) must be a multiple of key/value heads (Hkv={hkv}); got query "
             f"{q.shape}, key {k.shape}"
         )
-    try:
-        ok = _name(np.result_type(q.dtype, k.dtype, v.dtype)) in _core.dtypes
-    except TypeError:  # e.g. float16 with bfloat16
-        ok = False
-    if not ok:
-        raise TypeError(
-            f"query, key and value ({q.dtype}, {k.dtype}, {v.dtype}) have no common dtype sdpa "
-            f"computes (float16, bfloat16, float32 or float64)"
-        )
+    _dtypes(q, k, v)  # (raises TypeError for dtypes that do not go together)
     return q, k, v
+
+
+def _key_side(
+    name: str, x: Any, kv_dtype: np.dtype, batch: tuple[int, int, int], rows: int
+) -> dict[str, np.ndarray]:
+    """The kernel operands of packed key or value `x`: the array, or a QuantizedKV's values and
+    scales, as (sequences, Hkv, 1, rows, ...) views."""
+    if isinstance(x, QuantizedKV):
+        scales = _native(x.scales, np.dtype(np.float16))
+        return {
+            name: _sequences(x.values, batch, rows),
+            name + "_scales": _sequences(scales, batch, rows),
+        }
+    return {name: _sequences(_native(x, kv_dtype), batch, rows)}
 
 
 def _offsets(cu: Any, name: str, total: int, max_seqlen: int | None) -> tuple[np.ndarray, ...]:

@@ -17,11 +17,15 @@ import numpy as np
 
 from . import _core
 from ._options import DIRECT, PER_HEAD, Options, default_of, takes_options
+from ._quant import QuantizedKV
 
 __all__ = ["attention_weights", "scaled_dot_product_attention"]
 
 _DTYPES = frozenset(_core.dtypes)  # the storage types the kernel computes in their own right
 _ACCEPTED = "float16, bfloat16 (ml_dtypes), float32 or float64"
+# Key/value storage read as such under a query of another dtype (mixed storage): the result then
+# has the query's dtype.
+_NARROW_KV = frozenset({"float16", "bfloat16"})
 _NAMES: dict[np.dtype, str] = {}
 # The options the direct route does not honour, at the values that leave a call plain (their
 # defaults, as in f(q, k, v, enable_gqa=False)): given so, the route still takes the call.
@@ -48,10 +52,13 @@ def scaled_dot_product_attention(
     ----------
     query : array_like, shape (..., L, E)
     key : array_like, shape (..., S, E)
-    value : array_like, shape (..., S, Ev)
-        float16, bfloat16 (``ml_dtypes``), float32 or float64. Leading (batch) dims broadcast by
-        NumPy rules. The output dtype is ``np.result_type(query, key, value)``; float16 and
-        bfloat16 are read and written as such and accumulated in float32.
+    value : array_like or QuantizedKV, shape (..., S, Ev)
+        float16, bfloat16 (``ml_dtypes``), float32 or float64; key and value may instead both be
+        :class:`sdpa.QuantizedKV` (8-bit). Leading (batch) dims broadcast by NumPy rules.
+        float16 and bfloat16 are read and written as such and accumulated in float32. The
+        output dtype is the query's when key and value are both float16, both bfloat16 or both
+        QuantizedKV (mixed storage: each operand is read in its own type, nothing is cast or
+        copied), else ``np.result_type(query, key, value)``.
     attn_mask : array_like, optional, broadcastable to (..., L, S)
         Boolean (True = may attend) or floating (added to the scaled scores). Its leading dims
         take part in the batch broadcast.
@@ -99,7 +106,10 @@ def attention_weights(query: Any, key: Any, *, attn_mask: Any = None, **options:
     """
     opts = Options.parse(options, exclude=("out", "return_lse"), where="attention_weights")
     k = _as_operand(key, "key")
-    value = np.empty(k.shape[:-1] + (0,), k.dtype)
+    if isinstance(k, QuantizedKV):
+        value: Any = QuantizedKV.empty(k.shape[:-1] + (0,), block=k.block)
+    else:
+        value = np.empty(k.shape[:-1] + (0,), k.dtype)
     _, _, weights = _run(_prepare(query, k, value, attn_mask, opts), want_weights=True)
     assert weights is not None
     return weights
@@ -112,7 +122,7 @@ def _inner_path(query: Any, key: Any, value: Any, attn_mask: Any = None, **optio
     shape = call.batch + (call.L, call.v.shape[-1])
     lse = np.empty(call.batch + (call.L,), call.kernel_acc_dtype) if call.opts.return_lse else None
     results = {"out": np.empty(shape, call.kernel_dtype), "lse": lse}
-    return _core.inner_path(_views(call, results, _per_head(call)), call.opts)
+    return _core.inner_path(_views(call, results, _per_head(call)), call.opts, call.kv_block)
 
 
 @dataclass
@@ -120,16 +130,22 @@ class _Call:
     """One call, checked and laid out: what the steps below work out, in order."""
 
     q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
+    k: np.ndarray | QuantizedKV
+    v: np.ndarray | QuantizedKV
     dtype: np.dtype  # of the result (the storage type)
-    kernel_dtype: np.dtype  # what the kernel reads and writes (see _precision)
+    kernel_dtype: np.dtype  # what the kernel reads and writes on the query side (see _precision)
+    kv_dtype: np.dtype  # what the kernel reads key and value as (int8: QuantizedKV)
     opts: Options
     mask: np.ndarray | None = None
     mask_name: str = ""  # "bool_mask" or "float_mask": the kernel operand it becomes
     batch: tuple[int, ...] = ()  # the result's batch shape
     outer: tuple[int, ...] = ()  # batch without the query heads' group split (GQA)
     groups: int = 1  # query heads per key/value head
+
+    @property
+    def kv_block(self) -> int:
+        """Elements per scale of QuantizedKV key/value (0 for float ones)."""
+        return self.k.block if isinstance(self.k, QuantizedKV) else 0
 
     @property
     def acc_dtype(self) -> np.dtype:
@@ -165,7 +181,15 @@ def _no_masked_array(x: Any, name: str) -> None:
         )
 
 
-def _as_operand(x: Any, name: str) -> np.ndarray:
+def _as_operand(x: Any, name: str) -> Any:
+    """An ndarray of an accepted dtype with at least 2 dims (or, for key and value, a
+    QuantizedKV with at least 2)."""
+    if isinstance(x, QuantizedKV):
+        if name not in ("key", "value"):
+            raise TypeError(f"{name} cannot be a QuantizedKV (key and value can)")
+        if x.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dims; got shape {x.shape}")
+        return x
     _no_masked_array(x, name)
     a = np.asarray(x)
     if _name(a.dtype) not in _DTYPES:
@@ -190,9 +214,27 @@ def _operands(query: Any, key: Any, value: Any, opts: Options) -> _Call:
         raise ValueError(
             f"value.shape[-2] must equal key.shape[-2] (S); got key {k.shape}, value {v.shape}"
         )
+    dtype, kv_dtype = _dtypes(q, k, v)
+    return _Call(q, k, v, dtype, dtype, kv_dtype, opts)
+
+
+def _dtypes(q: np.ndarray, k: Any, v: Any) -> tuple[np.dtype, np.dtype]:
+    """The dtype policy: (the result's dtype, the dtype the kernel reads key and value in).
+    Key and value both float16, both bfloat16 or both QuantizedKV are read in their own storage
+    and the result has the query's dtype (mixed storage, no cast copy); otherwise the three
+    promote by NumPy rules (np.result_type)."""
+    quantized = [isinstance(x, QuantizedKV) for x in (k, v)]
+    if any(quantized):
+        if not all(quantized):
+            raise TypeError("key and value must both be QuantizedKV or neither")
+        if k.block != v.block:
+            raise ValueError(f"key and value must share a block size; got {k.block} and {v.block}")
+        return _native_order(q.dtype), np.dtype(np.int8)
+    if k.dtype == v.dtype and _name(k.dtype) in _NARROW_KV:
+        return _native_order(q.dtype), _native_order(k.dtype)
     try:
         dtype = np.result_type(q.dtype, k.dtype, v.dtype)
-    except TypeError:  # e.g. float16 with bfloat16: NumPy has no common type
+    except TypeError:  # e.g. float16 key with bfloat16 value: NumPy has no common type
         dtype = None
     if dtype is None or _name(dtype) not in _DTYPES:
         got = "have no common dtype" if dtype is None else f"promote to {dtype}"
@@ -200,7 +242,11 @@ def _operands(query: Any, key: Any, value: Any, opts: Options) -> _Call:
             f"query, key and value ({q.dtype}, {k.dtype}, {v.dtype}) {got}; the accepted "
             f"dtypes are {_ACCEPTED}"
         )
-    return _Call(q, k, v, dtype, dtype, opts)
+    return dtype, dtype
+
+
+def _native_order(dtype: np.dtype) -> np.dtype:
+    return dtype if dtype.isnative else dtype.newbyteorder("=")
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -392,7 +438,7 @@ def _run(
     target, lse, weights = _results(call, want_weights)
     if any(a is not None and a.size for a in (target, lse, weights)):
         results = {"out": target, "lse": lse, "weights": weights}
-        _core.attention(_views(call, results, per_head), call.opts)
+        _core.attention(_views(call, results, per_head), call.opts, call.kv_block)
     if call.kernel_dtype != call.dtype:  # (computed in float64: back to the result's types)
         with np.errstate(over="ignore"):  # (an lse beyond float32's range rounds to +-inf)
             lse = None if lse is None else lse.astype(call.acc_dtype)
@@ -413,7 +459,9 @@ def _results(
     directly and it overlaps no input), lse and weights, in the kernel's types."""
     out = call.opts.out
     kernel = call.kernel_dtype
-    inputs = [a for a in (call.q, call.k, call.v, call.mask) if a is not None]
+    inputs = [
+        a for a in (call.q, *_kv_arrays(call.k), *_kv_arrays(call.v), call.mask) if a is not None
+    ]
     if (
         out is not None
         and out.dtype == kernel
@@ -448,19 +496,27 @@ def _views(
         return a.reshape(batch + (1,) + core)
 
     def key_side(a: np.ndarray, core: tuple[int, ...]) -> np.ndarray:
-        a = _native(a, call.kernel_dtype)
         if a.shape != kv_batch + core:
             a = np.broadcast_to(a, kv_batch + core)
         return a.reshape(kv_batch + (1,) + core)
 
-    views = {
-        "query": query_side(_native(call.q, call.kernel_dtype), (L, E)),
-        "key": key_side(call.k, (S, E)),
-        "value": key_side(call.v, (S, Ev)),
-    }
+    views = {"query": query_side(_native(call.q, call.kernel_dtype), (L, E))}
+    for name, x, cols in (("key", call.k, E), ("value", call.v, Ev)):
+        if isinstance(x, QuantizedKV):
+            views[name] = key_side(x.values, (S, cols))
+            views[name + "_scales"] = key_side(
+                _native(x.scales, np.dtype(np.float16)), (S, x.scales.shape[-1])
+            )
+        else:
+            views[name] = key_side(_native(x, call.kv_dtype), (S, cols))
     if call.mask is not None:
         views[call.mask_name] = query_side(call.mask, (L, S))
     cores = {"out": (L, Ev), "lse": (L,), "weights": (L, S)}
     views.update({n: query_side(a, cores[n]) for n, a in results.items() if a is not None})
     views.update({n: query_side(a, ()) for n, a in per_head.items()})
     return views
+
+
+def _kv_arrays(x: Any) -> tuple[np.ndarray, ...]:
+    """The arrays that hold a key-side operand: itself, or a QuantizedKV's values and scales."""
+    return (x.values, x.scales) if isinstance(x, QuantizedKV) else (x,)

@@ -70,14 +70,14 @@ class _Call:
     dtype: np.dtype
     shape: tuple[int, ...] = ()  # query block (..., L_c, E) when no key block is used
     ev: int = 0
-    upcast: bool = False  # a partial of float16/bfloat16 operands: computed and kept in float32
+    upcast: bool = False  # a partial of float16/bfloat16 operands: a float32 query (and result)
 
 
 def _attend(call: _Call, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Any) -> Any:
     """One query block against one key block."""
     _use_worker_threads()
-    if call.upcast:  # (the kernel accumulates them in float32 anyway: only the output changes)
-        q, k, v = (x.astype(np.float32) for x in (q, k, v))
+    if call.upcast:  # a float32 query over half K/V: float32 partials, K and V read as they are
+        q = q.astype(np.float32)
     return _attention(q, k, v, mask, **call.kwargs)
 
 

@@ -14,7 +14,7 @@ namespace sdpa {
 
 // Bumped whenever Problem, Plan or KernelTable change layout; the driver refuses a kernel
 // module built against another version.
-constexpr int kAbiVersion = 10;
+constexpr int kAbiVersion = 11;
 
 // Leading (batch) dims after broadcasting. The last batch dim is always the GQA group dim G:
 // query heads that share one key/value head (G = 1 without GQA; K/V have stride 0 along it).
@@ -22,11 +22,18 @@ constexpr int kAbiVersion = 10;
 // allows 64 dims; the Python layer refuses more than kMaxBatchDims - 1 batch dims, clearly.
 constexpr int kMaxBatchDims = 32;
 
-// Storage type of query, key, value, out and weights; named as NumPy names them.
-enum class DType : int { f16 = 0, bf16 = 1, f32 = 2, f64 = 3 };
-constexpr const char* kDTypeNames[] = {"float16", "bfloat16", "float32", "float64"};
-constexpr int kDTypeCount = 4;
-inline size_t storage_size(DType d) { return d == DType::f64 ? 8 : d == DType::f32 ? 4 : 2; }
+// Storage types, named as NumPy names them (q8 by its values' dtype). A call has two: `dtype`, of
+// the query side (query, out, weights), and `kv_dtype`, of key and value, each operand read in
+// its own type and converted in registers. The first kDTypeCount may hold either side; q8 holds
+// key and value only: int8 values and one float16 scale per block of Problem::kv_block
+// consecutive elements of a row (key_scales, value_scales), llama.cpp's q8_0.
+enum class DType : int { f16 = 0, bf16 = 1, f32 = 2, f64 = 3, q8 = 4 };
+constexpr const char* kDTypeNames[] = {"float16", "bfloat16", "float32", "float64", "int8"};
+constexpr int kDTypeCount = 4;    // the types of either side
+constexpr int kKvDTypeCount = 5;  // the types of the key side
+inline size_t storage_size(DType d) {
+  return d == DType::f64 ? 8 : d == DType::f32 ? 4 : d == DType::q8 ? 1 : 2;
+}
 // The type each is computed (accumulated) in: float64 for float64, float32 for the others.
 inline size_t compute_size(DType d) { return d == DType::f64 ? 8 : 4; }
 
@@ -57,14 +64,18 @@ enum class Operand : int {
   kv_starts,     // per head: int64 row where the sequence starts in the packed key-side arrays
   q_offset,      // per head: int64 position of query row 0 (a chunk of a longer sequence)
   kv_offset,     // per head: int64 position of key row 0
+  key_scales,    // (S, ceil(E / kv_block)) float16, key side: the scales of a q8 key
+  value_scales,  // (S, ceil(Ev / kv_block)) float16, key side: the scales of a q8 value
   kCount
 };
 constexpr int kOperandCount = static_cast<int>(Operand::kCount);
 
 // What the binding checks each operand against: its name (the key the Python layer uses), core
 // dims, element type and side.
-enum class Axis : int8_t { none, L, S, E, Ev };
-enum class Elem : int8_t { storage, compute, u8, f64, i64 };
+// Ek and Evk count the q8 scale blocks of a key and of a value row.
+enum class Axis : int8_t { none, L, S, E, Ev, Ek, Evk };
+// storage: the query side's dtype; kv_storage: the key side's kv_dtype; f16: float16 scales.
+enum class Elem : int8_t { storage, kv_storage, compute, u8, f64, i64, f16 };
 struct OperandSpec {
   const char* name;
   Axis rows, cols;  // core dims; Axis::none for fewer than two
@@ -74,8 +85,8 @@ struct OperandSpec {
 };
 constexpr OperandSpec kOperandSpecs[kOperandCount] = {
     {"query", Axis::L, Axis::E, Elem::storage, false, false},
-    {"key", Axis::S, Axis::E, Elem::storage, true, false},
-    {"value", Axis::S, Axis::Ev, Elem::storage, true, false},
+    {"key", Axis::S, Axis::E, Elem::kv_storage, true, false},
+    {"value", Axis::S, Axis::Ev, Elem::kv_storage, true, false},
     {"out", Axis::L, Axis::Ev, Elem::storage, false, true},
     {"bool_mask", Axis::L, Axis::S, Elem::u8, false, false},
     {"float_mask", Axis::L, Axis::S, Elem::compute, false, false},
@@ -89,6 +100,8 @@ constexpr OperandSpec kOperandSpecs[kOperandCount] = {
     {"kv_starts", Axis::none, Axis::none, Elem::i64, false, false},
     {"q_offset", Axis::none, Axis::none, Elem::i64, false, false},
     {"kv_offset", Axis::none, Axis::none, Elem::i64, false, false},
+    {"key_scales", Axis::S, Axis::Ek, Elem::f16, true, false},
+    {"value_scales", Axis::S, Axis::Evk, Elem::f16, true, false},
 };
 // A call with q_starts is packed (varlen): each outer index is a sequence whose rows start at its
 // q_starts / kv_starts row of the query-side (query, out, lse) and key-side (key, value) arrays,
@@ -118,7 +131,9 @@ struct Options {
 // One attention call. `batch` are the first nbatch - 1 dims of batch_shape and
 // G = batch_shape[nbatch - 1].
 struct Problem {
-  DType dtype = DType::f32;
+  DType dtype = DType::f32;     // query, out, weights
+  DType kv_dtype = DType::f32;  // key, value
+  int64_t kv_block = 0;         // q8: elements per scale (0 otherwise)
   int nbatch = 1;
   int64_t batch_shape[kMaxBatchDims] = {1};
   int64_t L = 0, S = 0, E = 0, Ev = 0;
@@ -128,6 +143,8 @@ struct Problem {
   const View& view(Operand o) const { return operand[static_cast<int>(o)]; }
   View& view(Operand o) { return operand[static_cast<int>(o)]; }
   bool has(Operand o) const { return view(o).data != nullptr; }
+  // Scale blocks of a q8 row of n elements.
+  int64_t kv_blocks(int64_t n) const { return kv_block > 0 ? (n + kv_block - 1) / kv_block : 0; }
 };
 
 // How the driver split the work, and the cache-level sizes of the kernel's inner paths: all are

@@ -19,12 +19,14 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
 #include "convert.hpp"
 #include "few_rows.hpp"
 #include "panel.hpp"
+#include "panel_bf16.hpp"
 #include "sdpa/kernel.hpp"
 #include "softmax.hpp"
 #include "tile.hpp"
@@ -69,7 +71,11 @@ constexpr Features kPanelsHonour =
     bit(Operand::query) | bit(Operand::key) | bit(Operand::value) | bit(Operand::out) |
     bit(Operand::lse) | bit(Operand::kv_lengths) | bit(Operand::q_lengths) | bit(Operand::sinks) |
     bit(Operand::q_starts) | bit(Operand::kv_starts) | bit(Operand::q_offset) |
-    bit(Operand::kv_offset) | kCausal | kWindow | kBottomRight;
+    bit(Operand::kv_offset) | bit(Operand::key_scales) | bit(Operand::value_scales) | kCausal |
+    kWindow | kBottomRight;
+// Every path reads key and value in their own storage type (kv_dtype), q8 scales included: the
+// panels and the general path convert each key block once into the worker's block buffer
+// (key_side_block), the few-row loops convert in registers as they stream the rows.
 // The few-row and general paths apply every modifier to their score block.
 constexpr Features kBlocksHonour = ~Features{0};
 
@@ -187,22 +193,81 @@ struct Kernel {
     if (!live) return;
 
     // acc (nr x Ev) += P_blk (nr x nk) * V_blk (nk x Ev)
-    const ConstMatMap<T> Vb =
-        key_side_block<T, Store>(p.view(Operand::value), o[Operand::value], j0, nk, p.Ev, ws.Vc);
+    if constexpr (std::is_same_v<T, float>) {
+      // V not in float (half precision, q8): converted in registers a chunk at a time, into the
+      // first rows of the block buffer, where it stays in L1 for all the tile's rows (a partial
+      // block with non-finite values is confined below instead).
+      if (path == Path::few_rows && scored.full && !mappable<T>(p, Operand::value)) {
+        for (int64_t c0 = 0; c0 < nk; c0 += plan.few_rows_pv_keys) {
+          const int64_t n = std::min(plan.few_rows_pv_keys, nk - c0);
+          const ConstMatMap<T> Vc =
+              key_side_block<T>(p, Operand::value, o[Operand::value], o[Operand::value_scales],
+                                j0 + c0, n, p.Ev, ws.Vc);
+          few_rows::accumulate(ws.Sb + c0, ws.kb, nr, Vc.data(), Vc.outerStride(), n, p.Ev, ws.acc,
+                               p.Ev);
+        }
+        return;
+      }
+    }
+    const ConstMatMap<T> Vb = key_side_block<T>(p, Operand::value, o[Operand::value],
+                                                o[Operand::value_scales], j0, nk, p.Ev, ws.Vc);
     // A NaN or Inf in V reaches exactly the rows that attend its key: where some row does not
     // attend some key of the block, the product would spread it to that row as 0 * NaN.
     if (!scored.full && !all_finite(Vb.data(), Vb.outerStride(), nk, p.Ev))
       return confined_pv(p, nr, j0, nk, ws, Vb, acc);
     if constexpr (std::is_same_v<T, float>) {
-      if (path == Path::few_rows)
-        return few_rows::accumulate(ws.Sb, ws.kb, nr, Vb.data(), Vb.outerStride(), nk, p.Ev, ws.acc,
-                                    p.Ev, plan.few_rows_pv_keys);
+      if (path == Path::few_rows) {
+        for (int64_t c0 = 0; c0 < nk; c0 += plan.few_rows_pv_keys)
+          few_rows::accumulate(ws.Sb + c0, ws.kb, nr, Vb.data() + c0 * Vb.outerStride(),
+                               Vb.outerStride(), std::min(plan.few_rows_pv_keys, nk - c0), p.Ev,
+                               ws.acc, p.Ev);
+        return;
+      }
     }
     if (nr <= plan.few_rows_max) {  // (float64: rows of a few-row tile, without packing)
       for (int64_t c = 0; c < nk; ++c)
         for (int64_t r = 0; r < nr; ++r) acc.row(r) += Sb(r, c) * Vb.row(c);
     } else {
       acc.noalias() += Sb * Vb;
+    }
+  }
+
+  // Whether the few-row loops read key-side operand `which` in place in its storage type
+  // (float16, bfloat16, q8 with scale blocks of whole packets) rather than a converted block.
+  static bool direct(const Problem& p, Operand which) {
+    if (p.view(which).col_stride != 1) return false;
+    switch (p.kv_dtype) {
+      case DType::f16:
+      case DType::bf16:
+        return true;
+      case DType::q8:
+        return p.kv_block % simd::kW == 0 && p.view(scales_of(which)).col_stride == 1;
+      default:  // (float32 is mapped: read in place already)
+        return false;
+    }
+  }
+
+  // f(few_rows::Rows<S>) over the rows of key-side operand `which` from key j0, in storage S.
+  template <typename F>
+  static void with_rows(const Problem& p, Operand which, const OuterOffsets& o, int64_t j0, F&& f) {
+    const View& v = p.view(which);
+    const int64_t off = o[which] + j0 * v.row_stride;
+    switch (p.kv_dtype) {
+      case DType::f16:
+        return f(few_rows::Rows<Eigen::half>{static_cast<const Eigen::half*>(v.data) + off,
+                                             v.row_stride});
+      case DType::bf16:
+        return f(few_rows::Rows<Eigen::bfloat16>{static_cast<const Eigen::bfloat16*>(v.data) + off,
+                                                 v.row_stride});
+      case DType::q8: {
+        const Operand so = scales_of(which);
+        const View& sv = p.view(so);
+        const auto* d = static_cast<const Eigen::half*>(sv.data) + o[so] + j0 * sv.row_stride;
+        return f(few_rows::Rows<int8_t>{static_cast<const int8_t*>(v.data) + off, v.row_stride, d,
+                                        sv.row_stride, p.kv_block});
+      }
+      default:
+        return;
     }
   }
 
@@ -278,21 +343,34 @@ struct Kernel {
     if (span.lo >= span.hi) return {false, false};
 
     // S_blk (nr x nk) = Q_tile (nr x E) * K_blk^T (E x nk)
-    const ConstMatMap<T> Kb =
-        key_side_block<T, Store>(p.view(Operand::key), o[Operand::key], j0, nk, p.E, ws.Kc);
     MatMap<T> Sb(ws.Sb, nr, nk, Eigen::OuterStride<>(ws.kb));
+    auto key_block = [&] {
+      return key_side_block<T>(p, Operand::key, o[Operand::key], o[Operand::key_scales], j0, nk,
+                               p.E, ws.Kc);
+    };
     bool done = false;
     if constexpr (std::is_same_v<T, float>) {
-      if (path == Path::few_rows) {  // one pass over the keys; each K row serves every query row
-        few_rows::scores(Qtile.data(), nr, p.E, Kb.data(), Kb.outerStride(), nk, ws.Sb, ws.kb);
+      if (path == Path::few_rows) {     // one pass over the keys; each K row serves every query row
+        if (direct(p, Operand::key)) {  // K read in its storage, converted in registers
+          with_rows(p, Operand::key, o, j0, [&](const auto& k) {
+            few_rows::scores(Qtile.data(), nr, p.E, k, nk, ws.Sb, ws.kb);
+          });
+        } else {  // (float32: streamed from memory, row after row; K read in place)
+          const ConstMatMap<T> Kb = key_block();
+          few_rows::scores(Qtile.data(), nr, p.E,
+                           few_rows::Rows<float>{Kb.data(), Kb.outerStride()}, nk, ws.Sb, ws.kb);
+        }
         done = true;
       }
     }
-    if (!done && nr <= plan.few_rows_max) {  // (float64: dot products, without packing)
-      for (int64_t c = 0; c < nk; ++c)
-        for (int64_t r = 0; r < nr; ++r) Sb(r, c) = Qtile.row(r).dot(Kb.row(c));
-    } else if (!done) {
-      Sb.noalias() = Qtile * Kb.transpose();
+    if (!done) {
+      const ConstMatMap<T> Kb = key_block();
+      if (nr <= plan.few_rows_max) {  // (float64: dot products, without packing)
+        for (int64_t c = 0; c < nk; ++c)
+          for (int64_t r = 0; r < nr; ++r) Sb(r, c) = Qtile.row(r).dot(Kb.row(c));
+      } else {
+        Sb.noalias() = Qtile * Kb.transpose();
+      }
     }
     const bool in_range = all_attend(ws.rows, nr, j0, j0 + nk);
     apply_modifiers(p, nr, j0, nk, ws, in_range);
@@ -445,16 +523,21 @@ struct Kernel {
   // running max and sum in ws.m, ws.l and acc^T in ws.acc (panel layout).
   static void run_panels(const Problem& p, const Plan& plan, const OuterOffsets& o, int64_t nr,
                          int64_t jlo, int64_t jhi, Scratch<T>& ws) {
+#ifdef SDPA_BF16_PANELS
+    if constexpr (D == DType::bf16) {
+      if (bf16_panels(p)) return run_panels_bf16(p, plan, o, nr, jlo, jhi, ws);
+    }
+#endif
     if constexpr (std::is_same_v<T, float>) {
       const RowInfo* rows = ws.rows;
       const panel::PanelSplit panels(nr);
       load_panels(p, panels, ws);
       for (int64_t j0 = jlo; j0 < jhi && !plan.stop(); j0 += ws.kb) {
         const int64_t nk = std::min(ws.kb, jhi - j0);
-        const ConstMatMap<T> Kb =
-            key_side_block<T, Store>(p.view(Operand::key), o[Operand::key], j0, nk, p.E, ws.Kc);
-        const ConstMatMap<T> Vb = key_side_block<T, Store>(p.view(Operand::value),
-                                                           o[Operand::value], j0, nk, p.Ev, ws.Vc);
+        const ConstMatMap<T> Kb = key_side_block<T>(p, Operand::key, o[Operand::key],
+                                                    o[Operand::key_scales], j0, nk, p.E, ws.Kc);
+        const ConstMatMap<T> Vb = key_side_block<T>(p, Operand::value, o[Operand::value],
+                                                    o[Operand::value_scales], j0, nk, p.Ev, ws.Vc);
         // V's values, checked once a block when some row does not attend some of its keys.
         const bool v_finite =
             all_attend(rows, nr, j0, j0 + nk) || all_finite(Vb.data(), Vb.outerStride(), nk, p.Ev);
@@ -551,6 +634,12 @@ struct Kernel {
     T* acc;       // acc^T (Ev x ld)
     T* m;         // running max (ld)
     T* l;         // running sum (ld)
+    // The bf16 panels' operands (panel_bf16.hpp): K and V rows in bf16 (k, v unused), V pairs
+    // ((nc + 1) / 2 x Ev words), the scale the scores take (Q is not scaled).
+    const uint16_t* kh = nullptr;
+    const uint16_t* vh = nullptr;
+    const uint32_t* vp = nullptr;
+    T scale = T(1);
   };
 
   static void panel_block(const PanelBlock& b, int64_t packets) {
@@ -578,17 +667,7 @@ struct Kernel {
       panel::score_tile<MP, kSNR>(b.qt, b.E, b.k + c * b.ldk, b.ldk, b.pt + c * ld, vmax);
     for (; c < b.nc; ++c)
       panel::score_tile<MP, 1>(b.qt, b.E, b.k + c * b.ldk, b.ldk, b.pt + c * ld, vmax);
-    if (b.rows) {
-      // Removed keys -> -inf, row by row (a lane of the panel each), then the max again.
-      for (int64_t i = 0; i < b.n_rows; ++i) {
-        const int64_t lo = std::clamp<int64_t>(b.rows[i].lo - b.j_first, 0, b.nc);
-        const int64_t hi = std::clamp<int64_t>(b.rows[i].hi - b.j_first, lo, b.nc);
-        for (int64_t cc = 0; cc < lo; ++cc) b.pt[cc * ld + i] = kNegInf;
-        for (int64_t cc = hi; cc < b.nc; ++cc) b.pt[cc * ld + i] = kNegInf;
-      }
-      for (auto& x : vmax) x = Eigen::internal::pset1<Packet>(kNegInf);
-      panel::column_max<MP>(b.pt, b.nc, vmax);
-    }
+    if (b.rows) remove_keys<MP>(b, vmax);
     Packet alpha[MP];
     panel::softmax_step<MP>(b.pt, b.nc, vmax, b.m, b.l, alpha);
     // As in process_block: NaN or Inf in V must not reach a lane that does not attend its key.
@@ -608,6 +687,20 @@ struct Kernel {
     }
   }
 
+  // Removed keys -> -inf in P^T, row by row (a lane of the panel each), then the max again.
+  template <int MP>
+  static void remove_keys(const PanelBlock& b, simd::Packet* vmax) {
+    constexpr int64_t ld = MP * simd::kW;
+    for (int64_t i = 0; i < b.n_rows; ++i) {
+      const int64_t lo = std::clamp<int64_t>(b.rows[i].lo - b.j_first, 0, b.nc);
+      const int64_t hi = std::clamp<int64_t>(b.rows[i].hi - b.j_first, lo, b.nc);
+      for (int64_t cc = 0; cc < lo; ++cc) b.pt[cc * ld + i] = kNegInf;
+      for (int64_t cc = hi; cc < b.nc; ++cc) b.pt[cc * ld + i] = kNegInf;
+    }
+    for (int i = 0; i < MP; ++i) vmax[i] = Eigen::internal::pset1<simd::Packet>(kNegInf);
+    panel::column_max<MP>(b.pt, b.nc, vmax);
+  }
+
   // acc^T (Ev x ld) = alpha * acc^T + P^T V over the keys each lane attends only.
   template <int MP>
   static void confined_panel_pv(const PanelBlock& b, const simd::Packet* alpha) {
@@ -623,15 +716,170 @@ struct Kernel {
       const int64_t hi = std::clamp<int64_t>(b.rows[i].hi - b.j_first, lo, b.nc);
       for (int64_t c = lo; c < hi; ++c)
         for (int64_t d = 0; d < b.Ev; ++d)
-          b.acc[d * ld + i] += b.pt[c * ld + i] * b.v[c * b.ldv + d];
+          b.acc[d * ld + i] += b.pt[c * ld + i] * value_at(b, c, d);
     }
   }
+
+  static T value_at(const PanelBlock& b, int64_t c, int64_t d) {
+    if (!b.vh) return b.v[c * b.ldv + d];
+    const uint32_t bits = static_cast<uint32_t>(b.vh[c * b.ldv + d]) << 16;  // bf16 to float
+    float x;
+    std::memcpy(&x, &bits, sizeof x);
+    return x;
+  }
+
+#ifdef SDPA_BF16_PANELS
+  // ---- The bf16 panels (panel_bf16.hpp): VDPBF16PS from bfloat16 operands ----
+
+  // Whether a call takes them: a bfloat16 query over bfloat16 key and value with contiguous rows.
+  static bool bf16_panels(const Problem& p) {
+    return p.kv_dtype == DType::bf16 && p.view(Operand::key).col_stride == 1 &&
+           p.view(Operand::value).col_stride == 1;
+  }
+
+  // As run_panels, from bf16 operands. Each key block's V is packed into pairs once (in Vc) for
+  // all panels; a panel's steps start at even keys of the block, so that they line up with those
+  // pairs (a key that no row of the panel attends, taken in to round a step, is removed as -inf).
+  static void run_panels_bf16(const Problem& p, const Plan& plan, const OuterOffsets& o, int64_t nr,
+                              int64_t jlo, int64_t jhi, Scratch<T>& ws) {
+    const RowInfo* rows = ws.rows;
+    const panel::PanelSplit panels(nr);
+    load_panels_bf16(p, panels, ws);
+    const View &kv = p.view(Operand::key), &vv = p.view(Operand::value);
+    const auto* k = static_cast<const uint16_t*>(kv.data) + o[Operand::key];
+    const auto* v = static_cast<const uint16_t*>(vv.data) + o[Operand::value];
+    auto* vp = reinterpret_cast<uint32_t*>(ws.Vc);
+    for (int64_t j0 = jlo; j0 < jhi && !plan.stop(); j0 += ws.kb) {
+      const int64_t nk = std::min(ws.kb, jhi - j0);
+      const uint16_t* kb = k + j0 * kv.row_stride;
+      const uint16_t* vb = v + j0 * vv.row_stride;
+      panel_bf16::pairs_of_v(vb, vv.row_stride, nk, p.Ev, vp);
+      const bool v_finite =
+          all_attend(rows, nr, j0, j0 + nk) || panel_bf16::all_finite(vb, vv.row_stride, nk, p.Ev);
+      for (int64_t pi = 0; pi < panels.n_panels; ++pi) {
+        const int64_t r0 = panels.first_row(pi), pr = panels.rows(pi);
+        const KeySpan span = attended_keys(rows + r0, pr, j0, j0 + nk);
+        if (span.lo >= span.hi) continue;
+        const int64_t c0 = (span.lo - j0) & ~int64_t{1};
+        const int64_t c1 = std::min(nk, (span.hi - j0 + 1) & ~int64_t{1});
+        for (int64_t s0 = c0; s0 < c1; s0 += plan.panel_step_keys) {  // (an even step)
+          const int64_t s1 = std::min(c1, s0 + plan.panel_step_keys);
+          const bool full = all_attend(rows + r0, pr, j0 + s0, j0 + s1);
+          PanelBlock blk{};
+          blk.E = p.E;
+          blk.Ev = p.Ev;
+          blk.kh = kb + s0 * kv.row_stride;
+          blk.ldk = kv.row_stride;
+          blk.vh = vb + s0 * vv.row_stride;
+          blk.ldv = vv.row_stride;
+          blk.vp = vp + s0 / 2 * p.Ev;
+          blk.nc = s1 - s0;
+          blk.pv_keys = plan.panel_pv_keys;
+          blk.v_finite = v_finite;
+          blk.rows = full ? nullptr : rows + r0;
+          blk.n_rows = pr;
+          blk.j_first = j0 + s0;
+          blk.qt = ws.Qs + r0 * p.E;
+          blk.pt = ws.Sb + r0 * ws.kb;
+          blk.acc = ws.acc + r0 * p.Ev;
+          blk.m = ws.m + r0;
+          blk.l = ws.l + r0;
+          blk.scale = static_cast<T>(p.opt.scale);
+          panel_block_bf16(blk, panels.packets(pi));
+        }
+      }
+    }
+  }
+
+  // Per panel: Q^T pairs ((E + 1) / 2 x ld words, unscaled; padding lanes 0), acc^T = 0,
+  // m = -inf, l = 0.
+  static void load_panels_bf16(const Problem& p, const panel::PanelSplit& panels, Scratch<T>& ws) {
+    const auto* q = static_cast<const uint16_t*>(p.view(Operand::query).data);
+    const int64_t qcs = p.view(Operand::query).col_stride, E2 = (p.E + 1) / 2;
+    auto* tr = reinterpret_cast<uint32_t*>(ws.Tr);  // (kW x E2 words)
+    uint16_t row[2];
+    for (int64_t pi = 0; pi < panels.n_panels; ++pi) {
+      const int64_t r0 = panels.first_row(pi), pr = panels.rows(pi), ld = panels.ld(pi);
+      auto* qp = reinterpret_cast<uint32_t*>(ws.Qs + r0 * p.E);
+      for (int64_t i0 = 0; i0 < ld; i0 += simd::kW) {
+        for (int64_t i = 0; i < simd::kW; ++i) {
+          uint32_t* dst = tr + i * E2;
+          const RowInfo& ri = ws.rows[r0 + std::min(i0 + i, pr - 1)];
+          if (i0 + i >= pr || ri.absent) {  // (past the tile, or a packed call's padding row)
+            std::fill(dst, dst + E2, 0u);
+            continue;
+          }
+          const uint16_t* src = q + ri.q_off;
+          for (int64_t e = 0; e < E2; ++e) {  // (any column stride)
+            row[0] = src[2 * e * qcs];
+            row[1] = 2 * e + 1 < p.E ? src[(2 * e + 1) * qcs] : uint16_t{0};
+            std::memcpy(dst + e, row, sizeof row);
+          }
+        }
+        panel::transpose_to_lanes(reinterpret_cast<const float*>(tr), E2, E2,
+                                  reinterpret_cast<float*>(qp + i0), ld);
+      }
+      std::fill(ws.acc + r0 * p.Ev, ws.acc + r0 * p.Ev + ld * p.Ev, T(0));
+      std::fill(ws.m + r0, ws.m + r0 + ld, kNegInf);
+      std::fill(ws.l + r0, ws.l + r0 + ld, T(0));
+    }
+  }
+
+  static void panel_block_bf16(const PanelBlock& b, int64_t packets) {
+    switch (packets) {
+      case 1:
+        return panel_block_bf16<1>(b);
+      case 2:
+        return panel_block_bf16<2>(b);
+      default:
+        return panel_block_bf16<panel::kMaxPackets>(b);
+    }
+  }
+
+  template <int MP>
+  static void panel_block_bf16(const PanelBlock& b) {
+    using panel::kNR;
+    using simd::Packet;
+    constexpr int64_t ld = MP * simd::kW;
+    const auto* qp = reinterpret_cast<const uint32_t*>(b.qt);
+    const Packet scale = Eigen::internal::pset1<Packet>(b.scale);
+    // P^T (nc x ld) = scale * K_blk (nc x E) Q_panel^T (E x ld), and its per-row max.
+    Packet vmax[MP];
+    for (auto& x : vmax) x = Eigen::internal::pset1<Packet>(kNegInf);
+    int64_t c = 0;
+    constexpr int kSNR = panel::kScoreNR;
+    for (; c + kSNR <= b.nc; c += kSNR)
+      panel_bf16::score_tile<MP, kSNR>(qp, b.E, b.kh + c * b.ldk, b.ldk, b.pt + c * ld, vmax,
+                                       scale);
+    for (; c < b.nc; ++c)
+      panel_bf16::score_tile<MP, 1>(qp, b.E, b.kh + c * b.ldk, b.ldk, b.pt + c * ld, vmax, scale);
+    if (b.rows) remove_keys<MP>(b, vmax);
+    Packet alpha[MP];
+    panel::softmax_step<MP>(b.pt, b.nc, vmax, b.m, b.l, alpha);
+    if (b.rows && !b.v_finite) return confined_panel_pv<MP>(b, alpha);
+
+    // acc^T (Ev x ld) = alpha * acc^T + V_blk^T P^T, P rounded to bf16 pairs, keys in chunks of
+    // pv_keys (even) as in panel_block.
+    panel_bf16::pairs_of_p<MP>(b.pt, b.nc);
+    const auto* pp = reinterpret_cast<const uint32_t*>(b.pt);
+    for (int64_t c0 = 0; c0 < b.nc; c0 += b.pv_keys) {
+      const int64_t n2 = (std::min(b.pv_keys, b.nc - c0) + 1) / 2;
+      const Packet* sc = c0 == 0 ? alpha : nullptr;
+      const uint32_t* pc = pp + c0 / 2 * ld;
+      const uint32_t* vc = b.vp + c0 / 2 * b.Ev;
+      int64_t d = 0;
+      for (; d + kNR <= b.Ev; d += kNR)
+        panel_bf16::pv_tile<MP, kNR>(pc, n2, vc + d, b.Ev, b.acc + d * ld, sc);
+      for (; d < b.Ev; ++d) panel_bf16::pv_tile<MP, 1>(pc, n2, vc + d, b.Ev, b.acc + d * ld, sc);
+    }
+  }
+#endif
 
   // ---- Entry points ----
 
   // What the scratch must hold for this call (Scratch::Needs).
   static typename Scratch<T>::Needs needs(const Problem& p, const Plan& plan) {
-    return {!mappable<T, Store>(p.view(Operand::key)), !mappable<T, Store>(p.view(Operand::value)),
+    return {!mappable<T>(p, Operand::key), !mappable<T>(p, Operand::value),
             choose_path<T>(p, plan, plan.row_tile) == Path::panels};
   }
 

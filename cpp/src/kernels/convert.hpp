@@ -4,10 +4,12 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
 #include "sdpa/kernel.hpp"
+#include "simd.hpp"
 
 namespace sdpa {
 
@@ -108,36 +110,108 @@ inline void convert_row(Dst* dst, int64_t ds, const Src* src, int64_t ss, int64_
     using In = PacketOf<Src>;
     using Out = PacketOf<Dst>;
     constexpr int64_t W = ei::packet_traits<float>::size;  // the width of PacketF
-    const PacketF m = ei::pset1<PacketF>(mul);
-    for (; c + W <= n; c += W) {
-      const PacketF x = In::to_float(ei::ploadu<typename In::type>(src + c));
-      ei::pstoreu(dst + c, Out::from_float(ei::pmul(x, m)));
+    if (mul == T(1)) {                                     // (K and V rows: a plain conversion)
+      for (; c + W <= n; c += W)
+        ei::pstoreu(dst + c, Out::from_float(In::to_float(ei::ploadu<typename In::type>(src + c))));
+    } else {
+      const PacketF m = ei::pset1<PacketF>(mul);
+      for (; c + W <= n; c += W) {
+        const PacketF x = In::to_float(ei::ploadu<typename In::type>(src + c));
+        ei::pstoreu(dst + c, Out::from_float(ei::pmul(x, m)));
+      }
     }
+    // (the tail element by element: an Eigen expression costs more than a few conversions)
+    for (; c < n; ++c) dst[c] = static_cast<Dst>(static_cast<T>(src[c]) * mul);
+    return;
   }
 #endif
   Eigen::Map<RowVec<Dst>>(dst + c, n - c) =
       (Eigen::Map<const RowVec<Src>>(src + c, n - c).template cast<T>() * mul).template cast<Dst>();
 }
 
-// Whether blocks of a key-side operand can be read in place as matrices of T (the storage is T,
-// columns are contiguous and rows ascend), or need converting into a buffer.
-template <typename T, typename Store>
-bool mappable(const View& view) {
-  return std::is_same_v<T, Store> && view.col_stride == 1 && view.row_stride > 0;
+// The operand that holds the q8 scales of key-side operand `which` (key or value).
+inline Operand scales_of(Operand which) {
+  return which == Operand::key ? Operand::key_scales : Operand::value_scales;
+}
+
+// A float16 scale as T (one per kv_block elements of a q8 row).
+template <typename T>
+inline T scale_at(const Eigen::half* scales, int64_t i) {
+  return static_cast<T>(static_cast<float>(scales[i]));
+}
+
+// dst[c] = T(src[c * ss]) * scale of c's block, for c < n: a q8 row of n int8 values whose blocks
+// of `block` elements have the scales sc[b * scs]. (An int8 times a float16 scale is exact in
+// float: 8 + 11 significant bits.)
+template <typename T>
+inline void dequantize_row(T* dst, const int8_t* src, int64_t ss, const Eigen::half* sc,
+                           int64_t scs, int64_t n, int64_t block) {
+  for (int64_t b0 = 0, b = 0; b0 < n; b0 += block, ++b) {
+    const T d = scale_at<T>(sc, b * scs);
+    const int64_t b1 = std::min(n, b0 + block);
+    int64_t c = b0;
+    if constexpr (std::is_same_v<T, float>) {
+      if (ss == 1) {
+        namespace ei = Eigen::internal;
+        const simd::Packet vd = ei::pset1<simd::Packet>(d);
+        for (; c + simd::kW <= b1; c += simd::kW)
+          ei::pstoreu(dst + c, ei::pmul(simd::load_i8(src + c), vd));
+      }
+    }
+    for (; c < b1; ++c) dst[c] = static_cast<T>(src[c * ss]) * d;
+  }
+}
+
+// Whether blocks of key-side operand `which` can be read in place as matrices of T (the storage
+// is T, columns are contiguous and rows ascend), or need converting into a buffer.
+template <typename T>
+bool mappable(const Problem& p, Operand which) {
+  const View& view = p.view(which);
+  const bool same = std::is_same_v<T, float>
+                        ? p.kv_dtype == DType::f32
+                        : std::is_same_v<T, double> && p.kv_dtype == DType::f64;
+  return same && view.col_stride == 1 && view.row_stride > 0;
+}
+
+// Row j of key-side operand `which` (D elements, from element offset `base` of its outer index;
+// `scale_base` likewise into its q8 scales) converted into dst, in type T.
+template <typename T>
+void convert_kv_row(const Problem& p, Operand which, int64_t base, int64_t scale_base, int64_t j,
+                    int64_t D, T* dst) {
+  const View& view = p.view(which);
+  const int64_t off = base + j * view.row_stride, cs = view.col_stride;
+  switch (p.kv_dtype) {
+    case DType::f16:
+      return convert_row<T>(dst, 1, static_cast<const Eigen::half*>(view.data) + off, cs, D, T(1));
+    case DType::bf16:
+      return convert_row<T>(dst, 1, static_cast<const Eigen::bfloat16*>(view.data) + off, cs, D,
+                            T(1));
+    case DType::f32:
+      return convert_row<T>(dst, 1, static_cast<const float*>(view.data) + off, cs, D, T(1));
+    case DType::f64:
+      return convert_row<T>(dst, 1, static_cast<const double*>(view.data) + off, cs, D, T(1));
+    case DType::q8: {
+      const View& sv = p.view(scales_of(which));
+      const auto* sc = static_cast<const Eigen::half*>(sv.data) + scale_base + j * sv.row_stride;
+      return dequantize_row<T>(dst, static_cast<const int8_t*>(view.data) + off, cs, sc,
+                               sv.col_stride, D, p.kv_block);
+    }
+  }
 }
 
 // A block of rows [j0, j0 + nk) of a (S x D) key-side operand as a matrix in type T: a direct
-// map when it is mappable, else converted into `buffer`.
-template <typename T, typename Store>
-ConstMatMap<T> key_side_block(const View& view, int64_t base, int64_t j0, int64_t nk, int64_t D,
-                              T* buffer) {
-  const auto* src = static_cast<const Store*>(view.data) + base + j0 * view.row_stride;
-  if constexpr (std::is_same_v<T, Store>) {
-    if (mappable<T, Store>(view))
-      return ConstMatMap<T>(src, nk, D, Eigen::OuterStride<>(view.row_stride));
+// map when it is mappable, else converted (and q8 dequantized) into `buffer`, row by row in
+// registers: never a copy of the operand, only of the block.
+template <typename T>
+ConstMatMap<T> key_side_block(const Problem& p, Operand which, int64_t base, int64_t scale_base,
+                              int64_t j0, int64_t nk, int64_t D, T* buffer) {
+  if (mappable<T>(p, which)) {
+    const View& view = p.view(which);
+    return ConstMatMap<T>(static_cast<const T*>(view.data) + base + j0 * view.row_stride, nk, D,
+                          Eigen::OuterStride<>(view.row_stride));
   }
   for (int64_t j = 0; j < nk; ++j)
-    convert_row<T>(buffer + j * D, 1, src + j * view.row_stride, view.col_stride, D, T(1));
+    convert_kv_row<T>(p, which, base, scale_base, j0 + j, D, buffer + j * D);
   return ConstMatMap<T>(buffer, nk, D, Eigen::OuterStride<>(D));
 }
 

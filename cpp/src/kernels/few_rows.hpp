@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
+#include "convert.hpp"
 #include "simd.hpp"
 
 namespace sdpa {
@@ -21,29 +23,98 @@ using simd::Packet;
 // plus the operands must fit the register file (32 zmm: 16 + 1 + 2; 16 ymm: 8 + 1 + 2).
 constexpr int kRowPackets = kW >= 16 ? 8 : 4;
 
-// s[i * lds] = q_i . k for i < R: q rows E apart, k one row of E floats. Each K packet loaded
+// Rows of a key-side operand as the loops read them, in its storage type S (float, Eigen::half,
+// Eigen::bfloat16, or int8_t for q8), converted to float in registers: x rows ld apart; for q8
+// the float16 scales d, one per `block` elements of a row (block a multiple of kW), rows ldd
+// apart. Decode streams K and V from memory, so reading half or a quarter of float's bytes is
+// what makes it faster.
+template <typename S>
+struct Rows {
+  static constexpr bool kQ8 = std::is_same_v<S, int8_t>;
+  const S* x;
+  int64_t ld;
+  const Eigen::half* d = nullptr;
+  int64_t ldd = 0, block = 0;
+
+  Rows at(int64_t c) const { return {x + c * ld, ld, kQ8 ? d + c * ldd : nullptr, ldd, block}; }
+  // kW elements of row 0 from column e, as floats (not yet scaled, for q8).
+  Packet load(int64_t e) const {
+    if constexpr (std::is_same_v<S, float>) {
+      return ei::ploadu<Packet>(x + e);
+    } else if constexpr (kQ8) {
+      return simd::load_i8(x + e);
+    } else {
+#ifdef SDPA_HALF_PACKETS
+      return PacketOf<S>::to_float(ei::ploadu<typename PacketOf<S>::type>(x + e));
+#else
+      alignas(64) float f[kW];
+      for (int i = 0; i < kW; ++i) f[i] = static_cast<float>(x[e + i]);
+      return ei::pload<Packet>(f);
+#endif
+    }
+  }
+  float scale(int64_t e) const {
+    if constexpr (kQ8) return static_cast<float>(d[e / block]);
+    return 1.0f;
+  }
+  float value(int64_t e) const { return static_cast<float>(x[e]) * scale(e); }
+};
+
+// out[i] = the sum of the lanes of a[i], i < 4: one transposing tree instead of 4 reductions.
+inline void predux4(const Packet* a, float* out) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  __m256 h[4];
+  for (int n = 0; n < 4; ++n)
+    h[n] = _mm256_add_ps(_mm512_castps512_ps256(a[n]),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[n]), 1)));
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+#elif defined(EIGEN_VECTORIZE_AVX)
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+#else
+  for (int n = 0; n < 4; ++n) out[n] = ei::predux(a[n]);
+#endif
+}
+
+// s[i * lds] = q_i . k for i < R: q rows E apart, k one row of E elements. Each K packet loaded
 // serves all R rows.
-template <int R>
-inline void dot_block(const float* q, int64_t E, const float* k, float* s, int64_t lds) {
+template <int R, typename S>
+inline void dot_block(const float* q, int64_t E, const Rows<S>& k, float* s, int64_t lds) {
   Packet acc[R];
   SDPA_UNROLL
   for (int i = 0; i < R; ++i) acc[i] = ei::pzero(acc[i]);
   const int64_t Ew = E - E % kW;
-  for (int64_t e = 0; e < Ew; e += kW) {
-    const Packet y = ei::ploadu<Packet>(k + e);
+  // q8: one scale per block of the row; the other types take the row in one piece.
+  const int64_t step = Rows<S>::kQ8 ? k.block : std::max<int64_t>(Ew, 1);
+  for (int64_t b0 = 0; b0 < Ew; b0 += step) {
+    const int64_t b1 = std::min(b0 + step, Ew);
+    const Packet sc = ei::pset1<Packet>(k.scale(b0));
+    for (int64_t e = b0; e < b1; e += kW) {
+      Packet y = k.load(e);
+      if constexpr (Rows<S>::kQ8) y = ei::pmul(y, sc);
+      SDPA_UNROLL
+      for (int i = 0; i < R; ++i) acc[i] = ei::pmadd(ei::ploadu<Packet>(q + i * E + e), y, acc[i]);
+    }
+  }
+  float t[R];
+  if constexpr (R == 4) {
+    predux4(acc, t);
+  } else {
     SDPA_UNROLL
-    for (int i = 0; i < R; ++i) acc[i] = ei::pmadd(ei::ploadu<Packet>(q + i * E + e), y, acc[i]);
+    for (int i = 0; i < R; ++i) t[i] = ei::predux(acc[i]);
   }
   SDPA_UNROLL
   for (int i = 0; i < R; ++i) {
-    float t = ei::predux(acc[i]);
-    for (int64_t e = Ew; e < E; ++e) t += q[i * E + e] * k[e];
-    s[i * lds] = t;
+    for (int64_t e = Ew; e < E; ++e) t[i] += q[i * E + e] * k.value(e);
+    s[i * lds] = t[i];
   }
 }
 
 // s[r * lds] = q_r . k for the nr rows, up to 4 at a time.
-inline void dot_rows(const float* q, int64_t nr, int64_t E, const float* k, float* s, int64_t lds) {
+template <typename S>
+inline void dot_rows(const float* q, int64_t nr, int64_t E, const Rows<S>& k, float* s,
+                     int64_t lds) {
   for (int64_t r = 0; r < nr; r += 4) {
     const float* qr = q + r * E;
     float* sr = s + r * lds;
@@ -64,12 +135,13 @@ inline void dot_rows(const float* q, int64_t nr, int64_t E, const float* k, floa
   }
 }
 
-// S (nr x nc, rows lds apart) = Q (nr x E, rows E apart) K^T for K (nc x E) rows ldk apart, one
-// key at a time against up to 4 rows. (Two keys at a time, reading two K rows side by side, ran
-// 18% slower from memory: section 17.)
-inline void scores(const float* q, int64_t nr, int64_t E, const float* k, int64_t ldk, int64_t nc,
-                   float* s, int64_t lds) {
-  for (int64_t c = 0; c < nc; ++c) dot_rows(q, nr, E, k + c * ldk, s + c, lds);
+// S (nr x nc, rows lds apart) = Q (nr x E, rows E apart) K^T for the nc rows of K, one key at a
+// time against up to 4 rows. (Two keys at a time, reading two K rows side by side, ran 18% slower
+// from memory: section 17.)
+template <typename S>
+inline void scores(const float* q, int64_t nr, int64_t E, const Rows<S>& k, int64_t nc, float* s,
+                   int64_t lds) {
+  for (int64_t c = 0; c < nc; ++c) dot_rows(q, nr, E, k.at(c), s + c, lds);
 }
 
 // a[i * lda + x] += sum_c p[i * ldp + c] * v[c * ldv + x] for i < R, x < D * kW, c < nc.
@@ -121,18 +193,16 @@ inline void axpy_rows(const float* p, int64_t ldp, const float* v, int64_t ldv, 
     }
 }
 
-// A (nr x Ev, rows lda apart) += P (nr x nc, rows ldp apart) V (nc x Ev, rows ldv apart), in
-// chunks of `chunk` keys (the plan's few_rows_pv_keys, so that a chunk of V stays in L1 for every
-// pair of rows), two rows at a time.
+// A (nr x Ev, rows lda apart) += P (nr x nc, rows ldp apart) V (nc x Ev, rows ldv apart), two
+// rows at a time. The caller hands V over in chunks of the plan's few_rows_pv_keys keys, so
+// that a chunk stays in L1 for every pair of rows (and a chunk converted from half precision or
+// q8 is converted once for all of them). (Four rows at a time from such a chunk, 4 x 4 packets
+// of accumulators, measured no faster: section 22.)
 inline void accumulate(const float* p, int64_t ldp, int64_t nr, const float* v, int64_t ldv,
-                       int64_t nc, int64_t Ev, float* a, int64_t lda, int64_t chunk) {
-  for (int64_t c0 = 0; c0 < nc; c0 += chunk) {
-    const int64_t n = std::min(chunk, nc - c0);
-    int64_t r = 0;
-    for (; r + 2 <= nr; r += 2)
-      axpy_rows<2>(p + r * ldp + c0, ldp, v + c0 * ldv, ldv, n, Ev, a + r * lda, lda);
-    if (r < nr) axpy_rows<1>(p + r * ldp + c0, ldp, v + c0 * ldv, ldv, n, Ev, a + r * lda, lda);
-  }
+                       int64_t nc, int64_t Ev, float* a, int64_t lda) {
+  int64_t r = 0;
+  for (; r + 2 <= nr; r += 2) axpy_rows<2>(p + r * ldp, ldp, v, ldv, nc, Ev, a + r * lda, lda);
+  if (r < nr) axpy_rows<1>(p + r * ldp, ldp, v, ldv, nc, Ev, a + r * lda, lda);
 }
 
 }  // namespace few_rows

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <cstdint>
 
 namespace sdpa {
 namespace simd {
@@ -17,6 +18,21 @@ namespace ei = Eigen::internal;
 
 using Packet = ei::packet_traits<float>::type;
 constexpr int kW = ei::packet_traits<float>::size;  // floats per packet: 16, 8 or 4
+
+// kW int8 values as floats (the values of a q8 row), sign-extended and converted in registers.
+inline Packet load_i8(const int8_t* p) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(EIGEN_VECTORIZE_AVX2)
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  alignas(64) float f[kW];
+  for (int i = 0; i < kW; ++i) f[i] = static_cast<float>(p[i]);
+  return ei::pload<Packet>(f);
+#endif
+}
 
 #if defined(EIGEN_VECTORIZE_AVX512) || defined(EIGEN_VECTORIZE_AVX2)
 #define SDPA_FAST_EXP 1

@@ -41,7 +41,8 @@ inline OuterOffsets outer_offsets(const Problem& p, int64_t outer) {
     for (Operand a : arrays) o.at[static_cast<int>(a)] += row * p.view(a).row_stride;
   };
   start(Operand::q_starts, {Operand::query, Operand::out, Operand::lse});
-  start(Operand::kv_starts, {Operand::key, Operand::value});
+  start(Operand::kv_starts,
+        {Operand::key, Operand::value, Operand::key_scales, Operand::value_scales});
   return o;
 }
 
