@@ -131,6 +131,15 @@ def test_quantizer_round_trip_error_is_half_a_step(rng):
     assert np.all(err <= 0.5 * step + np.abs(x) * 2.0**-11 + 1e-12)
 
 
+def test_values_beyond_the_float16_scales_are_refused(rng):
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    x[2, 40] = 9e6  # its block's scale, 9e6 / 127, is past float16's 65504
+    with pytest.raises(ValueError, match=r"beyond \+-8.319e\+06.*max \|x\| = 9e\+06"):
+        sdpa.quantize_kv(x)
+    x[2, 40] = 8e6  # within range: scale 63000 is a float16
+    assert np.all(np.isfinite(sdpa.quantize_kv(x).dequantize()))
+
+
 def test_non_finite_block_dequantizes_to_nan_and_reaches_only_its_attenders(isa, rng):
     x = rng.standard_normal((1, 200, 64))
     x[0, 150, 40] = np.inf

@@ -9,6 +9,8 @@ import numpy as np
 
 __all__ = ["QuantizedKV", "quantize_kv"]
 
+_F16_MAX = float(np.finfo(np.float16).max)
+
 
 class QuantizedKV:
     """Keys or values stored in 8 bits: int8 values and one float16 scale per block.
@@ -27,6 +29,11 @@ class QuantizedKV:
     registers (no dequantized copy is made), and the result equals attention over
     ``key.dequantize()`` and ``value.dequantize()`` within float32 rounding. The result has the
     query's dtype.
+
+    Range: the scales are float16, as in q8_0, so finite values beyond +-8.3e6 (127 x 65504) are
+    refused (``ValueError``), and a block whose largest magnitude is below 7.8e-3 (127 x
+    float16's smallest normal) gets a subnormal scale with fewer significant bits: its elements
+    keep less relative precision (each within 2^-25 x 127 of its value, absolute).
 
     Attributes
     ----------
@@ -151,6 +158,12 @@ def quantize_kv(x: Any, *, block: int = 32) -> QuantizedKV:
         inv = np.where((d != 0) & finite, np.float32(1) / np.where(d == 0, 1, d), 0)
         t = (blocks * inv[..., None].astype(np.float32)).astype(np.float64)
         t = np.where(finite[..., None], t, 0.0)  # (a non-finite block: values 0, scale NaN)
+    if np.any(finite & (d > _F16_MAX)):
+        raise ValueError(
+            f"quantize_kv: x holds finite values beyond +-{_F16_MAX * 127:.4g} (127 times "
+            f"float16's largest), whose block scales float16 cannot store; max |x| = "
+            f"{float(np.max(np.where(finite, amax, 0))):.4g}"
+        )
     # C's roundf: halves away from zero (exact in float64 for these magnitudes)
     q = np.where(t >= 0, np.floor(t + 0.5), np.ceil(t - 0.5))
     q = np.clip(q, -127, 127).astype(np.int8).reshape(pad.shape)[..., :D]
