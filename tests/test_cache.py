@@ -98,3 +98,58 @@ def test_bfloat16_cache_with_a_float32_query(rng):
     kb, vb = (a.astype(ml_dtypes.bfloat16) for a in (k, v))
     assert out.dtype == np.float32
     assert_matches_reference(out, reference(q, kb, vb, enable_gqa=True), np.float32)
+
+
+def test_int8_cache_decodes_as_attention_over_its_dequantized_rows(rng):
+    B, Hq, Hkv, T = 2, 4, 2, 12
+    q, k, v = tokens(rng, B, Hq, T), tokens(rng, B, Hkv, T), tokens(rng, B, Hkv, T)
+    cache = sdpa.KVCache(B, Hkv, 16, 16, dtype="int8", block=8)
+    assert cache.dtype == np.int8
+    cache.append(k[:, :, :6], v[:, :, :6], lengths=np.array([6, 4]))
+    cache.append(k[:, :, 6:7], v[:, :, 6:7])  # ragged: sequence 1 writes at row 4
+    keys, values = cache.keys(), cache.values()
+    assert isinstance(keys, sdpa.QuantizedKV) and keys.block == 8 and keys.shape == (B, Hkv, 7, 16)
+    assert np.shares_memory(keys.values, cache._k.values)
+    assert np.shares_memory(values.scales, cache._v.scales)
+    # each row is quantized on its own as it arrives: sequence 1's rows 0-3 then its row 6
+    rows = np.concatenate([k[1:, :, :4], k[1:, :, 6:7]], axis=2)
+    want = sdpa.quantize_kv(rows, block=8)
+    np.testing.assert_array_equal(keys.values[1:, :, :5], want.values)
+    np.testing.assert_array_equal(keys.scales[1:, :, :5], want.scales)
+    out = cache.attend(q[:, :, :1])
+    K, V = keys.dequantize(), values.dequantize()
+    full = reference(q[:, :, :1], K, V, kv_lengths=cache.lengths[:, None],
+                     alignment="bottom_right", enable_gqa=True)  # fmt: skip
+    assert out.dtype == np.float32
+    assert_matches_reference(out, full, np.float32)
+
+
+def test_a_rolling_int8_cache_moves_values_and_scales_together(rng):
+    B, H, T, W = 1, 2, 30, 5
+    q, k, v = tokens(rng, B, H, T), tokens(rng, B, H, T), tokens(rng, B, H, T)
+    k[..., :8] *= 100  # blocks of very different scales, so a lost scale would show
+    K, V = (sdpa.quantize_kv(a, block=8).dequantize() for a in (k, v))
+    full = reference(q, K, V, is_causal=True, window=(W - 1, 0))
+    cache = sdpa.KVCache(B, H, 7, 16, dtype="int8", window=W, block=8)
+    outs = []
+    for t in range(T):
+        cache.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        outs.append(cache.attend(q[:, :, t : t + 1]))
+    assert cache.lengths.tolist() == [6]  # compacted to the last W - 1 rows at least once
+    assert_matches_reference(np.concatenate(outs, axis=2), full, np.float32)
+
+
+def test_int8_cache_in_the_layer_and_bad_blocks(rng):
+    layer = sdpa.MultiheadAttention(32, 4, num_kv_heads=2, rng=rng)
+    x = rng.standard_normal((1, 5, 32)).astype(np.float32)
+    float_cache = sdpa.KVCache(1, 2, 8, 8)
+    int8_cache = sdpa.KVCache(1, 2, 8, 8, dtype="int8")
+    want = layer(x, is_causal=True, cache=float_cache)
+    got = layer(x, is_causal=True, cache=int8_cache)
+    assert got.shape == want.shape and got.dtype == np.float32
+    # q8_0 keeps each element within half a step (max|block| / 254) of itself: a small error
+    assert 0 < np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    with pytest.raises(ValueError, match="block must be a positive int"):
+        sdpa.KVCache(1, 2, 8, 8, dtype="int8", block=0)
+    with pytest.raises(TypeError, match="float16, bfloat16, float32, float64 or int8"):
+        sdpa.KVCache(1, 2, 8, 8, dtype=np.int16)

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ._quant import QuantizedKV
 from .api import scaled_dot_product_attention
 
 __all__ = ["KVCache"]
@@ -24,7 +25,10 @@ class KVCache:
         The buffers are ``keys (batch, num_kv_heads, capacity, head_dim)`` and ``values (batch,
         num_kv_heads, capacity, value_dim)``.
     dtype : dtype, default float32
-        Storage type of the buffers (float16, bfloat16, float32 or float64).
+        Storage type of the buffers: float16, bfloat16, float32, float64, or ``"int8"``, an
+        8-bit cache (:class:`sdpa.QuantizedKV`, llama.cpp's q8_0 layout: a float16 scale per
+        `block` elements of a row): appended rows are quantized on the way in, and ``attend``
+        reads the int8 values directly (a quarter of float32's bytes, plus the scales).
     window : int, optional
         A rolling buffer for sliding-window models: each query attends its last `window` tokens,
         itself included (``window=(window - 1, 0)`` for ``attend``), so older tokens may go.
@@ -34,6 +38,8 @@ class KVCache:
         outgrowing ``capacity`` is a ``ValueError``.
     value_dim : int, optional
         The values' last dim (default ``head_dim``).
+    block : int, default 32
+        Elements per scale of an int8 cache (ignored for float ones).
 
     Attributes
     ----------
@@ -54,6 +60,7 @@ class KVCache:
         dtype: Any = np.float32,
         window: int | None = None,
         value_dim: int | None = None,
+        block: int = 32,
     ) -> None:
         value_dim = head_dim if value_dim is None else value_dim
         sizes = {"batch": batch, "num_kv_heads": num_kv_heads, "capacity": capacity,
@@ -66,10 +73,21 @@ class KVCache:
         if window is not None and capacity < window:
             raise ValueError(f"capacity ({capacity}) must be at least window ({window})")
         dtype = np.dtype(dtype)
-        if dtype.name not in ("float16", "bfloat16", "float32", "float64"):
-            raise TypeError(f"dtype must be float16, bfloat16, float32 or float64; got {dtype}")
-        self._k = np.zeros((batch, num_kv_heads, capacity, head_dim), dtype)
-        self._v = np.zeros((batch, num_kv_heads, capacity, value_dim), dtype)
+        if dtype.name not in ("float16", "bfloat16", "float32", "float64", "int8"):
+            raise TypeError(
+                f"dtype must be float16, bfloat16, float32, float64 or int8; got {dtype}"
+            )
+        shape = (batch, num_kv_heads, capacity)
+        self._k: np.ndarray | QuantizedKV
+        self._v: np.ndarray | QuantizedKV
+        if dtype == np.int8:
+            if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+                raise ValueError(f"block must be a positive int; got {block!r}")
+            self._k = QuantizedKV.empty(shape + (head_dim,), block=int(block))
+            self._v = QuantizedKV.empty(shape + (value_dim,), block=int(block))
+        else:
+            self._k = np.zeros(shape + (head_dim,), dtype)
+            self._v = np.zeros(shape + (value_dim,), dtype)
         self.window = None if window is None else int(window)
         self.lengths = np.zeros(batch, np.int64)
         self.seen = np.zeros(batch, np.int64)
@@ -81,16 +99,27 @@ class KVCache:
 
     @property
     def dtype(self) -> np.dtype:
-        return self._k.dtype
+        """The storage type (int8 for an 8-bit cache)."""
+        k = self._k
+        return np.dtype(np.int8) if isinstance(k, QuantizedKV) else k.dtype
 
-    def keys(self) -> np.ndarray:
+    def keys(self) -> Any:
         """The filled part of the keys, a view: (batch, num_kv_heads, held, head_dim), held being
-        lengths.max() (shorter sequences hold padding past their length)."""
+        lengths.max() (shorter sequences hold padding past their length); a QuantizedKV of views
+        for an int8 cache."""
         return self._k[:, :, : self._held]
 
-    def values(self) -> np.ndarray:
+    def values(self) -> Any:
         """The filled part of the values, a view: (batch, num_kv_heads, held, value_dim)."""
         return self._v[:, :, : self._held]
+
+    def _store(self, index: tuple[Any, ...], k: np.ndarray, v: np.ndarray) -> None:
+        """Writes rows k and v at `index` (quantizing them for an int8 cache)."""
+        for buf, rows in ((self._k, k), (self._v, v)):
+            if isinstance(buf, QuantizedKV):
+                buf.write(index, rows)
+            else:
+                buf[index] = rows
 
     def reset(self) -> None:
         """Empties every sequence (the buffers stay allocated)."""
@@ -116,13 +145,11 @@ class KVCache:
         start = self.lengths
         if np.all(n == n[0]) and np.all(start == start[0]):  # the common case: one slice
             a, t = int(start[0]), int(n[0])
-            self._k[:, :, a : a + t] = k[:, :, :t]
-            self._v[:, :, a : a + t] = v[:, :, :t]
+            self._store((slice(None), slice(None), slice(a, a + t)), k[:, :, :t], v[:, :, :t])
         else:
             for b in np.nonzero(n)[0]:
                 a, t = int(start[b]), int(n[b])
-                self._k[b, :, a : a + t] = k[b, :, :t]
-                self._v[b, :, a : a + t] = v[b, :, :t]
+                self._store((b, slice(None), slice(a, a + t)), k[b, :, :t], v[b, :, :t])
         self.lengths += n
         self.seen += n
         self._held = int(self.lengths.max(initial=0))
@@ -225,7 +252,8 @@ class KVCache:
         for seq in np.nonzero(over)[0]:
             held = int(self.lengths[seq])
             drop = held - min(keep, held)
-            self._k[seq, :, : held - drop] = self._k[seq, :, drop:held].copy()
-            self._v[seq, :, : held - drop] = self._v[seq, :, drop:held].copy()
+            for buf in (self._k, self._v):  # (an int8 cache moves values and scales as they are)
+                for a in (buf.values, buf.scales) if isinstance(buf, QuantizedKV) else (buf,):
+                    a[seq, :, : held - drop] = a[seq, :, drop:held].copy()
             self.lengths[seq] = held - drop  # (held - drop <= keep)
         self._held = int(self.lengths.max(initial=0))
