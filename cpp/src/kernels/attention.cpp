@@ -247,6 +247,18 @@ struct Kernel {
     }
   }
 
+  // The rows of key-side operand `which` from key j0 as bytes to prefetch: the values read in
+  // place (not q8's scales, a line of which serves many rows); none where they are converted.
+  static few_rows::Fetch fetch_rows(const Problem& p, Operand which, const OuterOffsets& o,
+                                    int64_t j0) {
+    if (!direct(p, which)) return {};
+    const View& v = p.view(which);
+    const int64_t size = p.kv_dtype == DType::q8 ? 1 : 2;  // (direct: half precision or q8)
+    const int64_t cols = which == Operand::value ? p.Ev : p.E;
+    return {static_cast<const char*>(v.data) + (o[which] + j0 * v.row_stride) * size,
+            v.row_stride * size, cols * size};
+  }
+
   // f(few_rows::Rows<S>) over the rows of key-side operand `which` from key j0, in storage S.
   template <typename F>
   static void with_rows(const Problem& p, Operand which, const OuterOffsets& o, int64_t j0, F&& f) {
@@ -352,8 +364,9 @@ struct Kernel {
     if constexpr (std::is_same_v<T, float>) {
       if (path == Path::few_rows) {     // one pass over the keys; each K row serves every query row
         if (direct(p, Operand::key)) {  // K read in its storage, converted in registers
+          const few_rows::Fetch v = fetch_rows(p, Operand::value, o, j0);
           with_rows(p, Operand::key, o, j0, [&](const auto& k) {
-            few_rows::scores(Qtile.data(), nr, p.E, k, nk, ws.Sb, ws.kb);
+            few_rows::scores(Qtile.data(), nr, p.E, k, nk, ws.Sb, ws.kb, v);
           });
         } else {  // (float32: streamed from memory, row after row; K read in place)
           const ConstMatMap<T> Kb = key_block();

@@ -135,13 +135,25 @@ inline void dot_rows(const float* q, int64_t nr, int64_t E, const Rows<S>& k, fl
   }
 }
 
+// Rows of V to fetch into L2 while the block's scores are computed, one as each key is scored,
+// for the P.V loop that follows (row c at row + c * ld, `bytes` long; none when row is null).
+// Converting V from half precision or q8 otherwise waited on each row's misses: compute and
+// memory took turns (K, read as it is scored, gained nothing from a prefetch).
+struct Fetch {
+  const char* row = nullptr;
+  int64_t ld = 0, bytes = 0;
+};
+
 // S (nr x nc, rows lds apart) = Q (nr x E, rows E apart) K^T for the nc rows of K, one key at a
 // time against up to 4 rows. (Two keys at a time, reading two K rows side by side, ran 18% slower
 // from memory: section 17.)
 template <typename S>
 inline void scores(const float* q, int64_t nr, int64_t E, const Rows<S>& k, int64_t nc, float* s,
-                   int64_t lds) {
-  for (int64_t c = 0; c < nc; ++c) dot_rows(q, nr, E, k.at(c), s + c, lds);
+                   int64_t lds, Fetch v = {}) {
+  for (int64_t c = 0; c < nc; ++c) {
+    if (v.row) simd::prefetch<2>(v.row + c * v.ld, v.bytes);
+    dot_rows(q, nr, E, k.at(c), s + c, lds);
+  }
 }
 
 // a[i * lda + x] += sum_c p[i * ldp + c] * v[c * ldv + x] for i < R, x < D * kW, c < nc.
