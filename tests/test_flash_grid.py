@@ -99,3 +99,25 @@ def test_emulation_matches_pytorch(rng):
     # the same arithmetic up to PyTorch's float32 summation order: errors of the same size
     e_ours, e_theirs = np.abs(ours - ref).max(), np.abs(theirs - ref).max()
     assert 0.5 * e_theirs <= e_ours <= 2 * e_theirs
+
+
+@pytest.mark.parametrize(
+    "EEv", [(32, 32), (96, 160), (128, 128)], ids=lambda x: f"E{x[0]}-Ev{x[1]}"
+)
+@pytest.mark.parametrize("S", [1, 2, 31, 33, 300])
+@pytest.mark.parametrize("GL", [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (4, 2), (8, 1)],
+                         ids=lambda x: f"G{x[0]}-L{x[1]}")  # fmt: skip
+def test_flash_attention_rule_decode(isa2, rng, GL, S, EEv):
+    """Decode tiles (1-8 query rows of a key/value head) in bf16: on avx512_bf16 both products
+    use VDPBF16PS from K and V in place (P rounded); every row count, odd key counts and value
+    widths of 32-column steps, by FlashAttention's rule."""
+    (G, L), (E, Ev) = GL, EEv
+    hkv = 2
+    q = rng.standard_normal((1, hkv * G, L, E)).astype(bf16)
+    k = rng.standard_normal((1, hkv, S, E)).astype(bf16)
+    v = rng.standard_normal((1, hkv, S, Ev)).astype(bf16)
+    kw = {"is_causal": True, "alignment": "bottom_right", "enable_gqa": True}
+    out = sdpa.scaled_dot_product_attention(q, k, v, **kw).astype(np.float64)
+    ref = reference(q, k, v, **kw)
+    pt = pytorch_low_precision(q, np.repeat(k, G, axis=1), np.repeat(v, G, axis=1), True, bf16)
+    assert np.abs(out - ref).max() <= 2 * np.abs(pt - ref).max()

@@ -193,6 +193,12 @@ struct Kernel {
     if (!live) return;
 
     // acc (nr x Ev) += P_blk (nr x nk) * V_blk (nk x Ev)
+#ifdef SDPA_BF16_PANELS
+    if constexpr (D == DType::bf16) {
+      if (path == Path::few_rows && scored.full && nr <= kDecodeRows && bf16_decode_pv(p))
+        return bf16_decode_pv(p, plan, o, nr, j0, nk, ws);
+    }
+#endif
     if constexpr (std::is_same_v<T, float>) {
       // V not in float (half precision, q8): converted in registers a chunk at a time, into the
       // first rows of the block buffer, where it stays in L1 for all the tile's rows (a partial
@@ -361,9 +367,17 @@ struct Kernel {
                                p.E, ws.Kc);
     };
     bool done = false;
+#ifdef SDPA_BF16_PANELS
+    if constexpr (D == DType::bf16) {
+      if (path == Path::few_rows && nr <= kDecodeRows && bf16_decode(p)) {
+        bf16_decode_scores(p, o, nr, j0, nk, ws);
+        done = true;
+      }
+    }
+#endif
     if constexpr (std::is_same_v<T, float>) {
-      if (path == Path::few_rows) {     // one pass over the keys; each K row serves every query row
-        if (direct(p, Operand::key)) {  // K read in its storage, converted in registers
+      if (path == Path::few_rows && !done) {  // one pass over the keys; each K row serves all rows
+        if (direct(p, Operand::key)) {        // K read in its storage, converted in registers
           const few_rows::Fetch v = fetch_rows(p, Operand::value, o, j0);
           with_rows(p, Operand::key, o, j0, [&](const auto& k) {
             few_rows::scores(Qtile.data(), nr, p.E, k, nk, ws.Sb, ws.kb, v);
@@ -748,6 +762,74 @@ struct Kernel {
   static bool bf16_panels(const Problem& p) {
     return p.kv_dtype == DType::bf16 && p.view(Operand::key).col_stride == 1 &&
            p.view(Operand::value).col_stride == 1;
+  }
+
+  // Whether a few-row tile takes panel_bf16::decode_scores: bf16 K with contiguous rows, whole
+  // steps of 32 features, and E small enough for the query rows' copy on the stack.
+  static bool bf16_decode(const Problem& p) {
+    return p.kv_dtype == DType::bf16 && p.view(Operand::key).col_stride == 1 &&
+           p.E % panel_bf16::kDecodeStep == 0 && p.E <= kDecodeMaxE;
+  }
+  static constexpr int64_t kDecodeMaxE = 512, kDecodeRows = 8;  // (the query rows' stack copy)
+
+  // Scores of keys [j0, j0 + nk) for the tile's rows into ws.Sb, from the bf16 query rows as
+  // they are stored (Qtile holds them scaled, which bf16 cannot carry exactly).
+  static void bf16_decode_scores(const Problem& p, const OuterOffsets& o, int64_t nr, int64_t j0,
+                                 int64_t nk, Scratch<T>& ws) {
+    alignas(64) uint16_t qb[kDecodeRows * kDecodeMaxE];
+    const auto* q = static_cast<const uint16_t*>(p.view(Operand::query).data);
+    const int64_t qcs = p.view(Operand::query).col_stride;
+    for (int64_t r = 0; r < nr; ++r) {
+      uint16_t* dst = qb + r * p.E;
+      const uint16_t* src = q + ws.rows[r].q_off;
+      for (int64_t e = 0; e < p.E; ++e) dst[e] = ws.rows[r].absent ? uint16_t{0} : src[e * qcs];
+    }
+    const View& kv = p.view(Operand::key);
+    const auto* k = static_cast<const uint16_t*>(kv.data) + o[Operand::key] + j0 * kv.row_stride;
+    panel_bf16::decode_scores(qb, nr, p.E, k, kv.row_stride, nk, static_cast<T>(p.opt.scale), ws.Sb,
+                              ws.kb, fetch_rows(p, Operand::value, o, j0));
+  }
+
+  // Whether a few-row tile's P.V takes panel_bf16::decode_pv: bf16 V with contiguous rows, Ev in
+  // whole steps of 32 columns. (Only where every row attends every key of the block: P's zeros
+  // would not confine a NaN of V, as confined_pv does.)
+  static bool bf16_decode_pv(const Problem& p) {
+    return p.kv_dtype == DType::bf16 && p.view(Operand::value).col_stride == 1 && p.Ev % 32 == 0;
+  }
+
+  // acc (nr x Ev) += bf16(P_blk) V_blk from V's rows in place, a chunk of the plan's
+  // few_rows_pv_keys keys at a time (in L1 for every group of 4 rows); P rounded to bf16 as in
+  // the bf16 panels (FlashAttention's rule), its sum l taken before (by the softmax step).
+  static void bf16_decode_pv(const Problem& p, const Plan& plan, const OuterOffsets& o, int64_t nr,
+                             int64_t j0, int64_t nk, Scratch<T>& ws) {
+    constexpr int64_t kMaxKeys = 64;  // (the P words' stack buffer: kMaxKeys / 2 a row)
+    alignas(64) uint32_t w[kDecodeRows * kMaxKeys / 2];
+    const int64_t chunk = std::min(plan.few_rows_pv_keys, kMaxKeys), ldw = kMaxKeys / 2;
+    const View& vv = p.view(Operand::value);
+    const auto* v = static_cast<const uint16_t*>(vv.data) + o[Operand::value];
+    for (int64_t c0 = 0; c0 < nk; c0 += chunk) {
+      const int64_t n = std::min(chunk, nk - c0);
+      for (int64_t r = 0; r < nr; ++r) panel_bf16::to_pairs(ws.Sb + r * ws.kb + c0, n, w + r * ldw);
+      const uint16_t* vc = v + (j0 + c0) * vv.row_stride;
+      for (int64_t r = 0; r < nr; r += 4) {
+        const uint32_t* wr = w + r * ldw;
+        float* ar = ws.acc + r * p.Ev;
+        switch (std::min<int64_t>(4, nr - r)) {
+          case 1:
+            panel_bf16::decode_pv_rows<1>(wr, ldw, vc, vv.row_stride, n, p.Ev, ar, p.Ev);
+            break;
+          case 2:
+            panel_bf16::decode_pv_rows<2>(wr, ldw, vc, vv.row_stride, n, p.Ev, ar, p.Ev);
+            break;
+          case 3:
+            panel_bf16::decode_pv_rows<3>(wr, ldw, vc, vv.row_stride, n, p.Ev, ar, p.Ev);
+            break;
+          default:
+            panel_bf16::decode_pv_rows<4>(wr, ldw, vc, vv.row_stride, n, p.Ev, ar, p.Ev);
+            break;
+        }
+      }
+    }
   }
 
   // As run_panels, from bf16 operands. Each key block's V is packed into pairs once (in Vc) for

@@ -192,6 +192,134 @@ inline void pv_tile(const uint32_t* pp, int64_t n2, const uint32_t* vp, int64_t 
   }
 }
 
+// ---- Decode (the few-row path) from a bf16 query over bf16 K ----
+
+// Features a step of decode_scores: 16 pairs, one zmm of a K row.
+constexpr int64_t kDecodeStep = 32;
+
+// s[i * lds] = scale * q_i . k for i < R: q rows of E bf16 (E apart, 64-byte aligned, E a
+// multiple of kDecodeStep), k a row of E bf16. Products exact, summed in float.
+template <int R>
+inline void decode_dot(const uint16_t* q, int64_t E, const uint16_t* k, float scale, float* s,
+                       int64_t lds) {
+  __m512 acc[R];
+  SDPA_UNROLL
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < E; e += kDecodeStep) {
+    const __m512i y = _mm512_loadu_si512(k + e);
+    SDPA_UNROLL
+    for (int i = 0; i < R; ++i) acc[i] = dot2(acc[i], _mm512_load_si512(q + i * E + e), y);
+  }
+  float t[R];
+  if constexpr (R == 4) {
+    few_rows::predux4(acc, t);
+  } else {
+    SDPA_UNROLL
+    for (int i = 0; i < R; ++i) t[i] = _mm512_reduce_add_ps(acc[i]);
+  }
+  SDPA_UNROLL
+  for (int i = 0; i < R; ++i) s[i * lds] = t[i] * scale;
+}
+
+// S (nr x nc, rows lds apart) = scale * Q K^T for nc K rows (ldk apart, read in place), one key
+// at a time against up to 4 rows, as few_rows::scores but with half its instructions: a K row
+// is loaded as it is stored (no conversion) and each VDPBF16PS does two features. V's rows are
+// fetched into L2 as there.
+inline void decode_scores(const uint16_t* q, int64_t nr, int64_t E, const uint16_t* k, int64_t ldk,
+                          int64_t nc, float scale, float* s, int64_t lds, few_rows::Fetch v) {
+  for (int64_t c = 0; c < nc; ++c) {
+    if (v.row) simd::prefetch<2>(v.row + c * v.ld, v.bytes);
+    const uint16_t* kc = k + c * ldk;
+    for (int64_t r = 0; r < nr; r += 4) {
+      const uint16_t* qr = q + r * E;
+      float* sr = s + r * lds + c;
+      switch (std::min<int64_t>(4, nr - r)) {
+        case 1:
+          decode_dot<1>(qr, E, kc, scale, sr, lds);
+          break;
+        case 2:
+          decode_dot<2>(qr, E, kc, scale, sr, lds);
+          break;
+        case 3:
+          decode_dot<3>(qr, E, kc, scale, sr, lds);
+          break;
+        default:
+          decode_dot<4>(qr, E, kc, scale, sr, lds);
+          break;
+      }
+    }
+  }
+}
+
+// words[c2] for c2 < ceil(n / 2) rounded up to 16: the n floats of p rounded to bf16 (to
+// nearest even) in pairs of consecutive keys, 0 past n.
+inline void to_pairs(const float* p, int64_t n, uint32_t* words) {
+  for (int64_t c = 0; c < n; c += 32) {
+    const int64_t m = std::min<int64_t>(32, n - c);
+    const auto lo = static_cast<__mmask16>(m >= 16 ? 0xFFFF : (1u << m) - 1);
+    const auto hi = static_cast<__mmask16>(m >= 32 ? 0xFFFF : m > 16 ? (1u << (m - 16)) - 1 : 0);
+    const __m512 a = _mm512_maskz_loadu_ps(lo, p + c), b = _mm512_maskz_loadu_ps(hi, p + c + 16);
+    _mm512_storeu_si512(words + c / 2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+  }
+}
+
+// a[i * lda + x] += sum_c bf16(p_i[c]) v[c][x] for i < R, x < 32 * SEG, c < n: decode's P.V from
+// bf16 V (rows ldv apart) with VDPBF16PS. w: the P rows as to_pairs words, ldw apart. Unpacking
+// two V rows interleaves them into the key pairs VDPBF16PS takes, the columns permuted within
+// each 128-bit lane (unpacklo: columns 0-3 of each group of 8, unpackhi: 4-7); the chunk's sum
+// starts from 0 and is put back in column order as it joins `a`.
+template <int R, int SEG>
+inline void decode_pv(const uint32_t* w, int64_t ldw, const uint16_t* v, int64_t ldv, int64_t n,
+                      float* a, int64_t lda) {
+  __m512 acc[R][2 * SEG];
+  SDPA_UNROLL
+  for (int i = 0; i < R; ++i) SDPA_UNROLL
+  for (int s = 0; s < 2 * SEG; ++s) acc[i][s] = _mm512_setzero_ps();
+  auto step = [&](int64_t c2, const uint16_t* r0, const uint16_t* r1) {
+    __m512i x[2 * SEG];
+    SDPA_UNROLL
+    for (int s = 0; s < SEG; ++s) {
+      const __m512i y0 = _mm512_loadu_si512(r0 + 32 * s);
+      const __m512i y1 = r1 ? _mm512_loadu_si512(r1 + 32 * s) : _mm512_setzero_si512();
+      x[2 * s] = _mm512_unpacklo_epi16(y0, y1);
+      x[2 * s + 1] = _mm512_unpackhi_epi16(y0, y1);
+    }
+    SDPA_UNROLL
+    for (int i = 0; i < R; ++i) {
+      const __m512i pw = _mm512_set1_epi32(static_cast<int>(w[i * ldw + c2]));
+      SDPA_UNROLL
+      for (int s = 0; s < 2 * SEG; ++s) acc[i][s] = dot2(acc[i][s], x[s], pw);
+    }
+  };
+  int64_t c = 0;
+  for (; c + 2 <= n; c += 2) step(c / 2, v + c * ldv, v + (c + 1) * ldv);
+  if (c < n) step(c / 2, v + c * ldv, nullptr);  // (an odd last key, paired with 0)
+  // lane x of the 16 columns [16 h, 16 h + 16) of a segment: word 4 g + j of unpacklo (j < 4)
+  // or of unpackhi (j >= 4, index + 16), g = x / 8 + 2 h the 128-bit lane, j = x % 8
+  const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i idx1 =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  SDPA_UNROLL
+  for (int i = 0; i < R; ++i) SDPA_UNROLL
+  for (int s = 0; s < SEG; ++s) {
+    float* as = a + i * lda + 32 * s;
+    const __m512 lo = acc[i][2 * s], hi = acc[i][2 * s + 1];
+    _mm512_storeu_ps(as, _mm512_add_ps(_mm512_loadu_ps(as), _mm512_permutex2var_ps(lo, idx0, hi)));
+    _mm512_storeu_ps(as + 16,
+                     _mm512_add_ps(_mm512_loadu_ps(as + 16), _mm512_permutex2var_ps(lo, idx1, hi)));
+  }
+}
+
+// R rows of A (lda apart) += their P words times n V rows, 64 columns a pass (16 accumulators)
+// and a last 32 (Ev a multiple of 32).
+template <int R>
+inline void decode_pv_rows(const uint32_t* w, int64_t ldw, const uint16_t* v, int64_t ldv,
+                           int64_t n, int64_t Ev, float* a, int64_t lda) {
+  int64_t x = 0;
+  for (; x + 64 <= Ev; x += 64) decode_pv<R, 2>(w, ldw, v + x, ldv, n, a + x, lda);
+  if (x < Ev) decode_pv<R, 1>(w, ldw, v + x, ldv, n, a + x, lda);
+}
+
 }  // namespace panel_bf16
 }  // namespace sdpa
 #endif
