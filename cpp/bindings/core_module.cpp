@@ -178,10 +178,21 @@ sdpa::Problem problem_from(const py::dict& operands, py::handle record, int64_t 
   return p;
 }
 
+constexpr double kHoldGilWork = 1 << 12;
+
 // Runs the driver without the GIL. The calling thread takes the GIL back briefly about every
 // 20 ms to let Python run its signal handlers: one that raises (Ctrl-C's KeyboardInterrupt) stops
 // the call, and its exception is raised here.
 void run_interruptibly(sdpa::Problem& p) {
+  // A call of a few thousand multiply-adds ends in about a microsecond: it keeps the GIL, whose
+  // release and return would cost a tenth of that, and nothing can interrupt it anyway.
+  double work =
+      static_cast<double>(p.L) * static_cast<double>(p.S) * static_cast<double>(p.E + p.Ev);
+  for (int d = 0; d < p.nbatch; ++d) work *= static_cast<double>(p.batch_shape[d]);
+  if (work < kHoldGilWork) {
+    sdpa::run(p, nullptr);
+    return;
+  }
   sdpa::Interrupt interrupt;
   interrupt.pending = [](void*) {
     py::gil_scoped_acquire gil;
