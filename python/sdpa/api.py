@@ -405,12 +405,17 @@ def _overlaps_itself(a: np.ndarray) -> bool:
 
 
 def _per_head(call: _Call) -> dict[str, np.ndarray]:
-    """The per-head options that are set, checked to broadcast to query.shape[:-2] and in their
-    kernel dtype."""
-    head_shape = call.q.shape[:-2]
+    return per_head_arrays(call.opts, call.q.shape[:-2], call.L, call.S)
+
+
+def per_head_arrays(
+    opts: Options, head_shape: tuple[int, ...], L: int, S: int
+) -> dict[str, np.ndarray]:
+    """The per-head options that are set, checked to broadcast to query.shape[:-2] (head_shape)
+    and in their kernel dtype (shared with sdpa.dask)."""
     arrays = {}
     for name, spec in PER_HEAD.items():
-        a = getattr(call.opts, name)
+        a = getattr(opts, name)
         if a is None:
             continue
         try:
@@ -422,7 +427,7 @@ def _per_head(call: _Call) -> dict[str, np.ndarray]:
                 f"{name} of shape {a.shape} must broadcast to query.shape[:-2] = {head_shape}"
             )
         a = a.astype(spec.dtype)
-        spec.check(a, call.L, call.S, name)
+        spec.check(a, L, S, name)
         arrays[name] = a
     return arrays
 

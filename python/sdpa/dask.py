@@ -33,8 +33,8 @@ from dask.highlevelgraph import HighLevelGraph
 from . import _varlen
 from ._config import get_num_threads, set_num_threads
 from ._merge import merge_attention
-from ._options import PER_HEAD, Options, takes_options
-from .api import _DTYPES, _name
+from ._options import Options, takes_options
+from .api import _DTYPES, _name, per_head_arrays
 from .api import scaled_dot_product_attention as _attention
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
@@ -319,24 +319,8 @@ class _Problem:
 
 
 def _per_head(opts: Options, shape: tuple[int, ...], L: int, S: int) -> dict[str, np.ndarray]:
-    """The per-head options that are set, broadcast to query.shape[:-2] and checked."""
-    arrays = {}
-    for name, spec in PER_HEAD.items():
-        a = getattr(opts, name)
-        if a is None:
-            continue
-        try:
-            ok = np.broadcast_shapes(a.shape, shape) == shape
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"{name} of shape {a.shape} must broadcast to query.shape[:-2] = {shape}"
-            )
-        a = np.broadcast_to(a.astype(spec.dtype), shape)
-        spec.check(a, L, S, name)
-        arrays[name] = a
-    return arrays
+    """The per-head options that are set, checked and broadcast to query.shape[:-2]."""
+    return {n: np.broadcast_to(a, shape) for n, a in per_head_arrays(opts, shape, L, S).items()}
 
 
 def _prepare(query: Any, key: Any, value: Any, attn_mask: Any, opts: Options) -> _Problem:

@@ -577,25 +577,12 @@ struct Kernel {
           for (int64_t s0 = c0; s0 < c1; s0 += plan.panel_step_keys) {
             const int64_t s1 = std::min(c1, s0 + plan.panel_step_keys);
             const bool full = all_attend(rows + r0, pr, j0 + s0, j0 + s1);
-            PanelBlock blk;
-            blk.E = p.E;
-            blk.Ev = p.Ev;
+            PanelBlock blk = panel_of(p, plan, ws, r0, pr, j0 + s0, s1 - s0, full, v_finite);
             blk.k = Kb.data() + s0 * Kb.outerStride();
             blk.ldk = Kb.outerStride();
             blk.v = Vb.data() + s0 * Vb.outerStride();
             blk.ldv = Vb.outerStride();
-            blk.nc = s1 - s0;
-            blk.pv_keys = plan.panel_pv_keys;
-            blk.v_finite = v_finite;
-            blk.rows = full ? nullptr : rows + r0;
-            blk.n_rows = pr;
-            blk.j_first = j0 + s0;
-            blk.qt = ws.Qs + r0 * p.E;
-            blk.pt = ws.Sb + r0 * ws.kb;
-            blk.acc = ws.acc + r0 * p.Ev;
-            blk.m = ws.m + r0;
-            blk.l = ws.l + r0;
-            panel_block(blk, panels.packets(pi));
+            panel::with_packets(panels.packets(pi), [&](auto mp) { panel_block<mp()>(blk); });
           }
         }
       }
@@ -669,15 +656,25 @@ struct Kernel {
     T scale = T(1);
   };
 
-  static void panel_block(const PanelBlock& b, int64_t packets) {
-    switch (packets) {
-      case 1:
-        return panel_block<1>(b);
-      case 2:
-        return panel_block<2>(b);
-      default:
-        return panel_block<panel::kMaxPackets>(b);
-    }
+  // The panel of rows [r0, r0 + pr) of the tile against nc keys from key j (its K and V
+  // operands left for the caller); full: every row attends all of them.
+  static PanelBlock panel_of(const Problem& p, const Plan& plan, const Scratch<T>& ws, int64_t r0,
+                             int64_t pr, int64_t j, int64_t nc, bool full, bool v_finite) {
+    PanelBlock blk{};
+    blk.E = p.E;
+    blk.Ev = p.Ev;
+    blk.nc = nc;
+    blk.pv_keys = plan.panel_pv_keys;
+    blk.v_finite = v_finite;
+    blk.rows = full ? nullptr : ws.rows + r0;
+    blk.n_rows = pr;
+    blk.j_first = j;
+    blk.qt = ws.Qs + r0 * p.E;
+    blk.pt = ws.Sb + r0 * ws.kb;
+    blk.acc = ws.acc + r0 * p.Ev;
+    blk.m = ws.m + r0;
+    blk.l = ws.l + r0;
+    return blk;
   }
 
   template <int MP>
@@ -860,27 +857,14 @@ struct Kernel {
         for (int64_t s0 = c0; s0 < c1; s0 += plan.panel_step_keys) {  // (an even step)
           const int64_t s1 = std::min(c1, s0 + plan.panel_step_keys);
           const bool full = all_attend(rows + r0, pr, j0 + s0, j0 + s1);
-          PanelBlock blk{};
-          blk.E = p.E;
-          blk.Ev = p.Ev;
+          PanelBlock blk = panel_of(p, plan, ws, r0, pr, j0 + s0, s1 - s0, full, v_finite);
           blk.kh = kb + s0 * kv.row_stride;
           blk.ldk = kv.row_stride;
           blk.vh = vb + s0 * vv.row_stride;
           blk.ldv = vv.row_stride;
           blk.vp = vp + s0 / 2 * p.Ev;
-          blk.nc = s1 - s0;
-          blk.pv_keys = plan.panel_pv_keys;
-          blk.v_finite = v_finite;
-          blk.rows = full ? nullptr : rows + r0;
-          blk.n_rows = pr;
-          blk.j_first = j0 + s0;
-          blk.qt = ws.Qs + r0 * p.E;
-          blk.pt = ws.Sb + r0 * ws.kb;
-          blk.acc = ws.acc + r0 * p.Ev;
-          blk.m = ws.m + r0;
-          blk.l = ws.l + r0;
           blk.scale = static_cast<T>(p.opt.scale);
-          panel_block_bf16(blk, panels.packets(pi));
+          panel::with_packets(panels.packets(pi), [&](auto mp) { panel_block_bf16<mp()>(blk); });
         }
       }
     }
@@ -917,17 +901,6 @@ struct Kernel {
       std::fill(ws.acc + r0 * p.Ev, ws.acc + r0 * p.Ev + ld * p.Ev, T(0));
       std::fill(ws.m + r0, ws.m + r0 + ld, kNegInf);
       std::fill(ws.l + r0, ws.l + r0 + ld, T(0));
-    }
-  }
-
-  static void panel_block_bf16(const PanelBlock& b, int64_t packets) {
-    switch (packets) {
-      case 1:
-        return panel_block_bf16<1>(b);
-      case 2:
-        return panel_block_bf16<2>(b);
-      default:
-        return panel_block_bf16<panel::kMaxPackets>(b);
     }
   }
 

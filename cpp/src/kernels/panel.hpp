@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "simd.hpp"
 #include "softmax.hpp"
@@ -187,6 +188,33 @@ inline void softmax_step(float* p, int64_t nc, const Packet* vmax, float* m, flo
   }
 }
 
+// f(std::integral_constant<int, MP>{}) for a panel of `packets` packets: MP = 1, 2 or kMaxPackets.
+template <typename F>
+inline void with_packets(int64_t packets, F&& f) {
+  switch (packets) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    default:
+      return f(std::integral_constant<int, kMaxPackets>{});
+  }
+}
+
+// a[n][.] (NR x MP*kW) = scale[.] * a[n][.] + acc[n][.] (a + acc without a scale): a chunk's
+// sum, started from 0, joins the running accumulator once.
+template <int MP, int NR>
+inline void join(const Packet (&acc)[NR][MP], float* a, const Packet* scale) {
+  constexpr int ld = MP * kW;
+  SDPA_UNROLL
+  for (int n = 0; n < NR; ++n) SDPA_UNROLL
+  for (int i = 0; i < MP; ++i) {
+    float* an = a + n * ld + i * kW;
+    const Packet old = ei::pload<Packet>(an);
+    ei::pstore(an, scale ? ei::pmadd(old, scale[i], acc[n][i]) : ei::padd(old, acc[n][i]));
+  }
+}
+
 // NR columns of the panel's accumulator, over nc keys:
 //   a[n][.] (NR x MP*kW) = scale[.] * a[n][.] + sum_c p[c][.] v_c[n],  v_c = v + c * ldv
 // p: P^T (nc x MP*kW); scale: MP packets, or null for none.
@@ -212,13 +240,7 @@ inline void pv_tile(const float* p, int64_t nc, const float* v, int64_t ldv, flo
       for (int i = 0; i < MP; ++i) acc[n][i] = ei::pmadd(x[i], b, acc[n][i]);
     }
   }
-  SDPA_UNROLL
-  for (int n = 0; n < NR; ++n) SDPA_UNROLL
-  for (int i = 0; i < MP; ++i) {
-    float* an = a + n * ld + i * kW;
-    const Packet old = ei::pload<Packet>(an);
-    ei::pstore(an, scale ? ei::pmadd(old, scale[i], acc[n][i]) : ei::padd(old, acc[n][i]));
-  }
+  join<MP, NR>(acc, a, scale);
 }
 
 }  // namespace panel

@@ -183,13 +183,7 @@ inline void pv_tile(const uint32_t* pp, int64_t n2, const uint32_t* vp, int64_t 
       for (int i = 0; i < MP; ++i) acc[n][i] = dot2(acc[n][i], x[i], b);
     }
   }
-  SDPA_UNROLL
-  for (int n = 0; n < NR; ++n) SDPA_UNROLL
-  for (int i = 0; i < MP; ++i) {
-    float* an = a + n * ld + i * kW;
-    const Packet old = ei::pload<Packet>(an);
-    ei::pstore(an, scale ? ei::pmadd(old, scale[i], acc[n][i]) : ei::padd(old, acc[n][i]));
-  }
+  panel::join<MP, NR>(acc, a, scale);
 }
 
 // ---- Decode (the few-row path) from a bf16 query over bf16 K ----
