@@ -15,6 +15,9 @@ SCRIPT = textwrap.dedent(
     import os, signal, threading, time
     import numpy as np, sdpa
 
+    # (Python installs its KeyboardInterrupt handler only where SIGINT was not ignored: a job
+    # started in the background by a non-interactive shell inherits SIG_IGN)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sdpa.set_num_threads({threads})
     q = np.random.default_rng(0).standard_normal((1, 65536, 128), dtype=np.float32)
     threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
