@@ -808,24 +808,10 @@ struct Kernel {
       const int64_t n = std::min(chunk, nk - c0);
       for (int64_t r = 0; r < nr; ++r) panel_bf16::to_pairs(ws.Sb + r * ws.kb + c0, n, w + r * ldw);
       const uint16_t* vc = v + (j0 + c0) * vv.row_stride;
-      for (int64_t r = 0; r < nr; r += 4) {
-        const uint32_t* wr = w + r * ldw;
-        float* ar = ws.acc + r * p.Ev;
-        switch (std::min<int64_t>(4, nr - r)) {
-          case 1:
-            panel_bf16::decode_pv_rows<1>(wr, ldw, vc, vv.row_stride, n, p.Ev, ar, p.Ev);
-            break;
-          case 2:
-            panel_bf16::decode_pv_rows<2>(wr, ldw, vc, vv.row_stride, n, p.Ev, ar, p.Ev);
-            break;
-          case 3:
-            panel_bf16::decode_pv_rows<3>(wr, ldw, vc, vv.row_stride, n, p.Ev, ar, p.Ev);
-            break;
-          default:
-            panel_bf16::decode_pv_rows<4>(wr, ldw, vc, vv.row_stride, n, p.Ev, ar, p.Ev);
-            break;
-        }
-      }
+      few_rows::in_fours(nr, [&](int64_t r, auto R) {
+        panel_bf16::decode_pv_rows<R()>(w + r * ldw, ldw, vc, vv.row_stride, n, p.Ev,
+                                        ws.acc + r * p.Ev, p.Ev);
+      });
     }
   }
 

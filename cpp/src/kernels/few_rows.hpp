@@ -111,28 +111,33 @@ inline void dot_block(const float* q, int64_t E, const Rows<S>& k, float* s, int
   }
 }
 
+// f(r, std::integral_constant<int, R>{}) for the rows [r, r + R) of nr rows taken 4 at a time
+// (the last group what is left): the loops over a few rows take R as a template argument.
+template <typename F>
+inline void in_fours(int64_t nr, F&& f) {
+  for (int64_t r = 0; r < nr; r += 4) {
+    switch (std::min<int64_t>(4, nr - r)) {
+      case 1:
+        f(r, std::integral_constant<int, 1>{});
+        break;
+      case 2:
+        f(r, std::integral_constant<int, 2>{});
+        break;
+      case 3:
+        f(r, std::integral_constant<int, 3>{});
+        break;
+      default:
+        f(r, std::integral_constant<int, 4>{});
+        break;
+    }
+  }
+}
+
 // s[r * lds] = q_r . k for the nr rows, up to 4 at a time.
 template <typename S>
 inline void dot_rows(const float* q, int64_t nr, int64_t E, const Rows<S>& k, float* s,
                      int64_t lds) {
-  for (int64_t r = 0; r < nr; r += 4) {
-    const float* qr = q + r * E;
-    float* sr = s + r * lds;
-    switch (std::min<int64_t>(4, nr - r)) {
-      case 1:
-        dot_block<1>(qr, E, k, sr, lds);
-        break;
-      case 2:
-        dot_block<2>(qr, E, k, sr, lds);
-        break;
-      case 3:
-        dot_block<3>(qr, E, k, sr, lds);
-        break;
-      default:
-        dot_block<4>(qr, E, k, sr, lds);
-        break;
-    }
-  }
+  in_fours(nr, [=](int64_t r, auto R) { dot_block<R()>(q + r * E, E, k, s + r * lds, lds); });
 }
 
 // Rows of V to fetch into L2 while the block's scores are computed, one as each key is scored,

@@ -224,24 +224,9 @@ inline void decode_scores(const uint16_t* q, int64_t nr, int64_t E, const uint16
   for (int64_t c = 0; c < nc; ++c) {
     if (v.row) simd::prefetch<2>(v.row + c * v.ld, v.bytes);
     const uint16_t* kc = k + c * ldk;
-    for (int64_t r = 0; r < nr; r += 4) {
-      const uint16_t* qr = q + r * E;
-      float* sr = s + r * lds + c;
-      switch (std::min<int64_t>(4, nr - r)) {
-        case 1:
-          decode_dot<1>(qr, E, kc, scale, sr, lds);
-          break;
-        case 2:
-          decode_dot<2>(qr, E, kc, scale, sr, lds);
-          break;
-        case 3:
-          decode_dot<3>(qr, E, kc, scale, sr, lds);
-          break;
-        default:
-          decode_dot<4>(qr, E, kc, scale, sr, lds);
-          break;
-      }
-    }
+    few_rows::in_fours(nr, [=](int64_t r, auto R) {
+      decode_dot<R()>(q + r * E, E, kc, scale, s + r * lds + c, lds);
+    });
   }
 }
 

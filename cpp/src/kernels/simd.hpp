@@ -19,7 +19,6 @@ namespace ei = Eigen::internal;
 using Packet = ei::packet_traits<float>::type;
 constexpr int kW = ei::packet_traits<float>::size;  // floats per packet: 16, 8 or 4
 
-// kW int8 values as floats (the values of a q8 row), sign-extended and converted in registers.
 // Asks for the `bytes` from p to be fetched ahead of use: into L1 (Level 3) or L2 (Level 2).
 // Prefetches never fault, so an address past an array's end is harmless.
 template <int Level>
@@ -33,6 +32,7 @@ inline void prefetch(const void* p, int64_t bytes) {
 #endif
 }
 
+// kW int8 values as floats (the values of a q8 row), sign-extended and converted in registers.
 inline Packet load_i8(const int8_t* p) {
 #if defined(EIGEN_VECTORIZE_AVX512)
   return _mm512_cvtepi32_ps(
