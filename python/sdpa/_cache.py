@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ._quant import QuantizedKV
+from ._quant import QuantizedKV, storage_arrays
 from .api import scaled_dot_product_attention
 
 __all__ = ["KVCache"]
@@ -253,7 +253,7 @@ class KVCache:
             held = int(self.lengths[seq])
             drop = held - min(keep, held)
             for buf in (self._k, self._v):  # (an int8 cache moves values and scales as they are)
-                for a in (buf.values, buf.scales) if isinstance(buf, QuantizedKV) else (buf,):
+                for a in storage_arrays(buf):
                     a[seq, :, : held - drop] = a[seq, :, drop:held].copy()
             self.lengths[seq] = held - drop  # (held - drop <= keep)
         self._held = int(self.lengths.max(initial=0))

@@ -135,6 +135,11 @@ class QuantizedKV:
         return out.astype(dtype, copy=False)
 
 
+def storage_arrays(x: Any) -> tuple[np.ndarray, ...]:
+    """The arrays that hold a key-side operand: itself, or a QuantizedKV's values and scales."""
+    return (x.values, x.scales) if isinstance(x, QuantizedKV) else (x,)
+
+
 def quantize_kv(x: Any, *, block: int = 32) -> QuantizedKV:
     """Quantizes float keys or values `x` (..., S, D) to a :class:`QuantizedKV`: one float16
     scale per `block` consecutive elements of each row (llama.cpp's q8_0 reference quantizer)."""

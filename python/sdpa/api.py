@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _core
 from ._options import DIRECT, PER_HEAD, Options, default_of, takes_options
-from ._quant import QuantizedKV
+from ._quant import QuantizedKV, storage_arrays
 
 __all__ = ["attention_weights", "scaled_dot_product_attention"]
 
@@ -465,7 +465,9 @@ def _results(
     out = call.opts.out
     kernel = call.kernel_dtype
     inputs = [
-        a for a in (call.q, *_kv_arrays(call.k), *_kv_arrays(call.v), call.mask) if a is not None
+        a
+        for a in (call.q, *storage_arrays(call.k), *storage_arrays(call.v), call.mask)
+        if a is not None
     ]
     if (
         out is not None
@@ -520,8 +522,3 @@ def _views(
     views.update({n: query_side(a, cores[n]) for n, a in results.items() if a is not None})
     views.update({n: query_side(a, ()) for n, a in per_head.items()})
     return views
-
-
-def _kv_arrays(x: Any) -> tuple[np.ndarray, ...]:
-    """The arrays that hold a key-side operand: itself, or a QuantizedKV's values and scales."""
-    return (x.values, x.scales) if isinstance(x, QuantizedKV) else (x,)
