@@ -10,7 +10,7 @@ import numpy as np
 from . import _core
 from ._options import PER_HEAD, Options, takes_options
 from ._quant import QuantizedKV
-from .api import _as_operand, _dtypes, _native, _precision_of
+from .api import _as_operand, _dtypes, _native, _precision_of, key_operands
 
 __all__ = ["varlen_attention"]
 
@@ -91,8 +91,6 @@ def _run_packed(
     if out.size or (lse is not None and lse.size):
         views = {
             "query": _sequences(_native(q, kernel_dtype), batch, L),
-            **_key_side("key", k, kv_dtype, batch[:2] + (1,), S),
-            **_key_side("value", v, kv_dtype, batch[:2] + (1,), S),
             "out": _sequences(out, batch, L),
             "q_starts": _per_sequence(starts_q, batch),
             "kv_starts": _per_sequence(starts_k, batch),
@@ -100,6 +98,9 @@ def _run_packed(
             "kv_lengths": _per_sequence(len_k, batch),
             **_per_head_options(opts, batch, hq),
         }
+        for name, x in (("key", k), ("value", v)):  # (sequence, Hkv, 1, rows, ...)
+            for n, a in key_operands(name, x, kv_dtype).items():
+                views[n] = _sequences(a, batch[:2] + (1,), S)
         if lse is not None:
             views["lse"] = _sequences(lse[..., None], batch, L)[..., 0]
         kv_block = k.block if isinstance(k, QuantizedKV) else 0
@@ -129,20 +130,6 @@ def _packed_operands(query: Any, key: Any, value: Any) -> tuple[Any, ...]:
         )
     _dtypes(q, k, v)  # (raises TypeError for dtypes that do not go together)
     return q, k, v
-
-
-def _key_side(
-    name: str, x: Any, kv_dtype: np.dtype, batch: tuple[int, int, int], rows: int
-) -> dict[str, np.ndarray]:
-    """The kernel operands of packed key or value `x`: the array, or a QuantizedKV's values and
-    scales, as (sequences, Hkv, 1, rows, ...) views."""
-    if isinstance(x, QuantizedKV):
-        scales = _native(x.scales, np.dtype(np.float16))
-        return {
-            name: _sequences(x.values, batch, rows),
-            name + "_scales": _sequences(scales, batch, rows),
-        }
-    return {name: _sequences(_native(x, kv_dtype), batch, rows)}
 
 
 def _offsets(cu: Any, name: str, total: int, max_seqlen: int | None) -> tuple[np.ndarray, ...]:

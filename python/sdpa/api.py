@@ -279,6 +279,14 @@ def _native(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return a
 
 
+def key_operands(name: str, x: Any, kv_dtype: np.dtype) -> dict[str, np.ndarray]:
+    """The kernel operands that hold key-side `x` ("key" or "value"), in storage: the array in
+    kv_dtype, or a QuantizedKV's int8 values and float16 scales (name + "_scales")."""
+    if isinstance(x, QuantizedKV):
+        return {name: x.values, name + "_scales": _native(x.scales, np.dtype(np.float16))}
+    return {name: _native(x, kv_dtype)}
+
+
 def _mask(call: _Call, attn_mask: Any) -> None:
     """The mask's kernel operand: bool, or floating in the computation dtype. Finite values
     beyond that dtype's range saturate to its largest finite value rather than overflowing to
@@ -508,14 +516,9 @@ def _views(
         return a.reshape(kv_batch + (1,) + core)
 
     views = {"query": query_side(_native(call.q, call.kernel_dtype), (L, E))}
-    for name, x, cols in (("key", call.k, E), ("value", call.v, Ev)):
-        if isinstance(x, QuantizedKV):
-            views[name] = key_side(x.values, (S, cols))
-            views[name + "_scales"] = key_side(
-                _native(x.scales, np.dtype(np.float16)), (S, x.scales.shape[-1])
-            )
-        else:
-            views[name] = key_side(_native(x, call.kv_dtype), (S, cols))
+    for name, x in (("key", call.k), ("value", call.v)):
+        for n, a in key_operands(name, x, call.kv_dtype).items():
+            views[n] = key_side(a, (S, a.shape[-1]))
     if call.mask is not None:
         views[call.mask_name] = query_side(call.mask, (L, S))
     cores = {"out": (L, Ev), "lse": (L,), "weights": (L, S)}
