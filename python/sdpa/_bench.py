@@ -481,15 +481,11 @@ def _measure(shape: Shape, ctx: _Context) -> dict[str, Any]:
         kwargs["window"] = shape.window
     timers: dict[str, Timer] = {
         "ours": LocalTimer(functools.partial(sdpa.scaled_dot_product_attention, q, k, v, **kwargs)),
-        "gemm": LocalTimer(ctx.gemm[0]),
+        **_yardsticks(ctx, shape.decode_like),
     }
     tfn = _torch_fn(q, k, v, shape) if not shape.kv else None
     if tfn is not None:
         timers["torch"] = LocalTimer(tfn)
-    if ctx.torch_gemm is not None:
-        timers["torch_gemm"] = LocalTimer(ctx.torch_gemm[0])
-    if shape.decode_like:
-        timers["read"] = LocalTimer(ctx.read[0])
     timers.update(_own_timers(shape))
     if ctx.peers:
         timers.update(_peer_timers(shape, arrays, ctx.threads))
@@ -509,6 +505,17 @@ def _measure(shape: Shape, ctx: _Context) -> dict[str, Any]:
     return _row(shape, t, ctx)
 
 
+def _yardsticks(ctx: _Context, read: bool) -> dict[str, Timer]:
+    """The machine's rates timed beside a shape: NumPy's GEMM, PyTorch's where installed, and
+    for decode-like shapes the read bandwidth."""
+    timers: dict[str, Timer] = {"gemm": LocalTimer(ctx.gemm[0])}
+    if ctx.torch_gemm is not None:
+        timers["torch_gemm"] = LocalTimer(ctx.torch_gemm[0])
+    if read:
+        timers["read"] = LocalTimer(ctx.read[0])
+    return timers
+
+
 def _measure_cache(shape: Shape, ctx: _Context) -> dict[str, Any]:
     """A decode step through KVCache.attend against the same call on the cache's filled views
     (what attend adds: the issue's bound is 5 us), with the read-bandwidth yardstick."""
@@ -526,11 +533,8 @@ def _measure_cache(shape: Shape, ctx: _Context) -> dict[str, Any]:
     timers: dict[str, Timer] = {
         "ours": LocalTimer(functools.partial(cache.attend, q, out=out)),
         "plain": LocalTimer(same),
-        "gemm": LocalTimer(ctx.gemm[0]),
-        "read": LocalTimer(ctx.read[0]),
+        **_yardsticks(ctx, read=True),
     }
-    if ctx.torch_gemm is not None:
-        timers["torch_gemm"] = LocalTimer(ctx.torch_gemm[0])
     t = _median_times(timers, ctx.budget)
     row = _row(shape, t, ctx)
     row["plain_ms"] = t["plain"] * 1e3
