@@ -257,15 +257,18 @@ def _torch_gemm_probe() -> Probe | None:
 
 
 def _read_probe(threads: int) -> Probe:
-    """Reading a 512 MiB array with `threads` threads (NumPy sums, which release the GIL): the
-    yardstick for decode, whose work is reading K and V once."""
+    """Reading a 512 MiB array with `threads` threads (NumPy reductions, which release the GIL):
+    the yardstick for decode, whose work is reading K and V once. A bitwise OR of int64 words:
+    a float sum (pairwise, in order) is bound by its adds on some CPUs (on Zen 5, 22 GB/s a
+    thread where a plain read takes 33: NOTES section 30), which would overstate every fraction
+    of this rate."""
     import threading
 
-    data = np.ones(128 * 2**20, np.float32)
+    data = np.ones(64 * 2**20, np.int64)
     parts = np.array_split(data, threads)
 
     def read_all() -> None:
-        workers = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        workers = [threading.Thread(target=np.bitwise_or.reduce, args=(p,)) for p in parts]
         for w in workers:
             w.start()
         for w in workers:
