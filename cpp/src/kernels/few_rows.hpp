@@ -123,6 +123,43 @@ inline void dot_block(const float* q, int64_t E, const Rows<S>& k, float* s, int
   }
 }
 
+// s[i * lds] = q_i . k0 and s[i * lds + 1] = q_i . k1 for 4 rows: two keys a step, each Q packet
+// loaded once for both, and one reduction tree for the 8 sums (NOTES section 30). E a multiple
+// of kW (q8: of the block).
+template <typename S>
+inline void dot_block_pair(const float* q, int64_t E, const Rows<S>& k0, const Rows<S>& k1,
+                           float* s, int64_t lds) {
+  constexpr int R = 4;
+  Packet acc[2][R];
+  SDPA_UNROLL
+  for (int i = 0; i < R; ++i) acc[0][i] = acc[1][i] = ei::pzero(acc[0][i]);
+  const int64_t step = Rows<S>::kQ8 ? k0.block : E;
+  for (int64_t b0 = 0; b0 < E; b0 += step) {
+    const Packet sc0 = ei::pset1<Packet>(k0.scale(b0)), sc1 = ei::pset1<Packet>(k1.scale(b0));
+    for (int64_t e = b0; e < b0 + step; e += kW) {
+      Packet y0 = k0.load(e), y1 = k1.load(e);
+      if constexpr (Rows<S>::kQ8) {
+        y0 = ei::pmul(y0, sc0);
+        y1 = ei::pmul(y1, sc1);
+      }
+      SDPA_UNROLL
+      for (int i = 0; i < R; ++i) {
+        const Packet x = ei::ploadu<Packet>(q + i * E + e);
+        acc[0][i] = ei::pmadd(x, y0, acc[0][i]);
+        acc[1][i] = ei::pmadd(x, y1, acc[1][i]);
+      }
+    }
+  }
+  float t[2][R];
+  predux4(acc[0], t[0]);
+  predux4(acc[1], t[1]);
+  SDPA_UNROLL
+  for (int i = 0; i < R; ++i) {
+    s[i * lds] = t[0][i];
+    s[i * lds + 1] = t[1][i];
+  }
+}
+
 // f(r, std::integral_constant<int, R>{}) for the rows [r, r + R) of nr rows taken 4 at a time
 // (the last group what is left): the loops over a few rows take R as a template argument.
 template <typename F>
@@ -167,7 +204,19 @@ struct Fetch {
 template <typename S>
 inline void scores(const float* q, int64_t nr, int64_t E, const Rows<S>& k, int64_t nc, float* s,
                    int64_t lds, Fetch v = {}) {
-  for (int64_t c = 0; c < nc; ++c) {
+  int64_t c = 0;
+  if constexpr (!std::is_same_v<S, float>) {
+    if (nr == 4 && E % (Rows<S>::kQ8 ? k.block : kW) == 0) {
+      for (; c + 2 <= nc; c += 2) {
+        if (v.row) {
+          simd::prefetch<2>(v.row + c * v.ld, v.bytes);
+          simd::prefetch<2>(v.row + (c + 1) * v.ld, v.bytes);
+        }
+        dot_block_pair(q, E, k.at(c), k.at(c + 1), s + c, lds);
+      }
+    }
+  }
+  for (; c < nc; ++c) {
     if (v.row) simd::prefetch<2>(v.row + c * v.ld, v.bytes);
     dot_rows(q, nr, E, k.at(c), s + c, lds);
   }
