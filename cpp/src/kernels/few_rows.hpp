@@ -317,8 +317,8 @@ inline void axpy_stored(const float* p, int64_t ldp, const Rows<S>& v, int64_t x
 // S), 4 rows x 4 packets at a time: each V packet is converted once for 4 rows, with no float
 // copy of V stored and read back (NOTES section 30).
 template <typename S>
-inline void accumulate_stored(const float* p, int64_t ldp, int64_t nr, const Rows<S>& v,
-                              int64_t nc, int64_t Ev, float* a, int64_t lda) {
+inline void accumulate_stored(const float* p, int64_t ldp, int64_t nr, const Rows<S>& v, int64_t nc,
+                              int64_t Ev, float* a, int64_t lda) {
   in_fours(nr, [&](int64_t r, auto R) {
     const float* pr = p + r * ldp;
     float* ar = a + r * lda;
