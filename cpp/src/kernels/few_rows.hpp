@@ -222,69 +222,10 @@ inline void scores(const float* q, int64_t nr, int64_t E, const Rows<S>& k, int6
   }
 }
 
-// a[i * lda + x] += sum_c p[i * ldp + c] * v[c * ldv + x] for i < R, x < D * kW, c < nc.
-template <int R, int D>
-inline void axpy_block(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t nc,
-                       float* a, int64_t lda) {
-  // The chunk's sum starts from 0 and joins A once (adding each key's term to A, the running sum
-  // of the whole key range, lost its bits: constant values of 3 over 2^31 keys averaged 2.0).
-  Packet acc[R][D];
-  SDPA_UNROLL
-  for (int i = 0; i < R; ++i) SDPA_UNROLL
-  for (int j = 0; j < D; ++j) acc[i][j] = ei::pzero(acc[i][j]);
-  for (int64_t c = 0; c < nc; ++c) {
-    Packet b[R];
-    SDPA_UNROLL
-    for (int i = 0; i < R; ++i) b[i] = ei::pset1<Packet>(p[i * ldp + c]);
-    SDPA_UNROLL
-    for (int j = 0; j < D; ++j) {
-      const Packet y = ei::ploadu<Packet>(v + c * ldv + j * kW);
-      SDPA_UNROLL
-      for (int i = 0; i < R; ++i) acc[i][j] = ei::pmadd(b[i], y, acc[i][j]);
-    }
-  }
-  SDPA_UNROLL
-  for (int i = 0; i < R; ++i) SDPA_UNROLL
-  for (int j = 0; j < D; ++j) {
-    float* aij = a + i * lda + j * kW;
-    ei::pstoreu(aij, ei::padd(ei::ploadu<Packet>(aij), acc[i][j]));
-  }
-}
-
-// R rows of A (lda apart) += their P rows (ldp apart) times nc rows of V (Ev wide, ldv apart):
-// whole rows of V at a time where they fit the registers.
-template <int R>
-inline void axpy_rows(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t nc,
-                      int64_t Ev, float* a, int64_t lda) {
-  int64_t x = 0;
-  for (; x + kRowPackets * kW <= Ev; x += kRowPackets * kW)
-    axpy_block<R, kRowPackets>(p, ldp, v + x, ldv, nc, a + x, lda);
-  if constexpr (kRowPackets > 4) {
-    for (; x + 4 * kW <= Ev; x += 4 * kW) axpy_block<R, 4>(p, ldp, v + x, ldv, nc, a + x, lda);
-  }
-  for (; x + kW <= Ev; x += kW) axpy_block<R, 1>(p, ldp, v + x, ldv, nc, a + x, lda);
-  for (; x < Ev; ++x)
-    for (int i = 0; i < R; ++i) {
-      float sum = 0;
-      for (int64_t c = 0; c < nc; ++c) sum += p[i * ldp + c] * v[c * ldv + x];
-      a[i * lda + x] += sum;
-    }
-}
-
-// A (nr x Ev, rows lda apart) += P (nr x nc, rows ldp apart) V (nc x Ev, rows ldv apart), two
-// rows at a time. The caller hands V over in chunks of the plan's few_rows_pv_keys keys, so
-// that a chunk stays in L1 for every pair of rows (and a chunk converted from half precision or
-// q8 is converted once for all of them). (Four rows at a time from such a chunk, 4 x 4 packets
-// of accumulators, measured no faster: section 22.)
-inline void accumulate(const float* p, int64_t ldp, int64_t nr, const float* v, int64_t ldv,
-                       int64_t nc, int64_t Ev, float* a, int64_t lda) {
-  int64_t r = 0;
-  for (; r + 2 <= nr; r += 2) axpy_rows<2>(p + r * ldp, ldp, v, ldv, nc, Ev, a + r * lda, lda);
-  if (r < nr) axpy_rows<1>(p + r * ldp, ldp, v, ldv, nc, Ev, a + r * lda, lda);
-}
-
 // a[i * lda + x] += sum_c p[i * ldp + c] v_c[x] for i < R, x in [x0, x0 + D * kW), c < nc: V
-// read in its storage type S and converted in registers, once for the R rows.
+// read in its storage type S (float, or converted in registers), each packet once for the R
+// rows. The chunk's sum starts from 0 and joins A once (adding each key's term to A, the running
+// sum of the whole key range, lost its bits: constant values of 3 over 2^31 keys averaged 2.0).
 template <int R, int D, typename S>
 inline void axpy_stored(const float* p, int64_t ldp, const Rows<S>& v, int64_t x0, int64_t nc,
                         float* a, int64_t lda) {
@@ -311,6 +252,39 @@ inline void axpy_stored(const float* p, int64_t ldp, const Rows<S>& v, int64_t x
     float* aij = a + i * lda + x0 + j * kW;
     ei::pstoreu(aij, ei::padd(ei::ploadu<Packet>(aij), acc[i][j]));
   }
+}
+
+// R rows of A (lda apart) += their P rows (ldp apart) times nc rows of V (Ev wide, ldv apart):
+// whole rows of V at a time where they fit the registers.
+template <int R>
+inline void axpy_rows(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t nc,
+                      int64_t Ev, float* a, int64_t lda) {
+  const Rows<float> vr{v, ldv};
+  int64_t x = 0;
+  for (; x + kRowPackets * kW <= Ev; x += kRowPackets * kW)
+    axpy_stored<R, kRowPackets>(p, ldp, vr, x, nc, a, lda);
+  if constexpr (kRowPackets > 4) {
+    for (; x + 4 * kW <= Ev; x += 4 * kW) axpy_stored<R, 4>(p, ldp, vr, x, nc, a, lda);
+  }
+  for (; x + kW <= Ev; x += kW) axpy_stored<R, 1>(p, ldp, vr, x, nc, a, lda);
+  for (; x < Ev; ++x)
+    for (int i = 0; i < R; ++i) {
+      float sum = 0;
+      for (int64_t c = 0; c < nc; ++c) sum += p[i * ldp + c] * v[c * ldv + x];
+      a[i * lda + x] += sum;
+    }
+}
+
+// A (nr x Ev, rows lda apart) += P (nr x nc, rows ldp apart) V (nc x Ev, rows ldv apart), two
+// rows at a time. The caller hands V over in chunks of the plan's few_rows_pv_keys keys, so
+// that a chunk stays in L1 for every pair of rows (and a chunk converted from half precision or
+// q8 is converted once for all of them). (Four rows at a time from such a chunk, 4 x 4 packets
+// of accumulators, measured no faster: section 22.)
+inline void accumulate(const float* p, int64_t ldp, int64_t nr, const float* v, int64_t ldv,
+                       int64_t nc, int64_t Ev, float* a, int64_t lda) {
+  int64_t r = 0;
+  for (; r + 2 <= nr; r += 2) axpy_rows<2>(p + r * ldp, ldp, v, ldv, nc, Ev, a + r * lda, lda);
+  if (r < nr) axpy_rows<1>(p + r * ldp, ldp, v, ldv, nc, Ev, a + r * lda, lda);
 }
 
 // A (nr x Ev, rows lda apart) += P (nr x nc, rows ldp apart) V (nc rows of Ev in storage type
