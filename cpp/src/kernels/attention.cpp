@@ -918,7 +918,7 @@ struct Kernel {
       panel_bf16::score_tile<MP, 1>(qp, b.E, b.kh + c * b.ldk, b.ldk, b.pt + c * ld, vmax, scale);
     if (b.rows) remove_keys<MP>(b, vmax);
     Packet alpha[MP];
-    panel::softmax_step<MP>(b.pt, b.nc, vmax, b.m, b.l, alpha);
+    panel::softmax_step<MP, true>(b.pt, b.nc, vmax, b.m, b.l, alpha);
     if (b.rows && !b.v_finite) return confined_panel_pv<MP>(b, alpha);
 
     // acc^T (Ev x ld) = alpha * acc^T + V_blk^T P^T, P rounded to bf16 pairs, keys in chunks of

@@ -159,8 +159,9 @@ inline void column_max(const float* p, int64_t nc, Packet* vmax) {
 
 // Online softmax step (softmax.hpp) of one panel over nc keys whose scores are in p (P^T,
 // nc x MP*kW), vmax being their per-row max: p becomes exp(p - m_use), m and l (MP*kW floats
-// each) move on, and alpha receives the factor that rescales the panel's accumulator.
-template <int MP>
+// each) move on, and alpha receives the factor that rescales the panel's accumulator. Coarse:
+// the scores' exp to 3e-6 (simd::exp_nonpositive_coarse), for P that is rounded to bf16.
+template <int MP, bool Coarse = false>
 inline void softmax_step(float* p, int64_t nc, const Packet* vmax, float* m, float* l,
                          Packet* alpha) {
   constexpr int ld = MP * kW;
@@ -175,7 +176,17 @@ inline void softmax_step(float* p, int64_t nc, const Packet* vmax, float* m, flo
   for (int64_t c = 0; c < nc; ++c) SDPA_UNROLL
   for (int i = 0; i < MP; ++i) {
     float* x = p + c * ld + i * kW;
-    const Packet e = softmax::exp_nonpositive(ei::psub(ei::pload<Packet>(x), st[i].m_use));
+    const Packet d = ei::psub(ei::pload<Packet>(x), st[i].m_use);
+    Packet e;
+#if defined(EIGEN_VECTORIZE_AVX512)
+    if constexpr (Coarse) {
+      e = simd::exp_nonpositive_coarse(d);
+    } else {
+      e = softmax::exp_nonpositive(d);
+    }
+#else
+    e = softmax::exp_nonpositive(d);
+#endif
     ei::pstore(x, e);
     sum[i] = ei::padd(sum[i], e);
   }

@@ -84,6 +84,27 @@ inline Packet exp_nonpositive_packet(const Packet& x) {
 }
 #endif
 
+#if defined(EIGEN_VECTORIZE_AVX512)
+// exp(x) for x <= 0 to 3e-6 relative, not float's 1 ulp: for the bf16 panels, whose P is rounded
+// to bfloat16 (2^-9) before P.V. exp(x) = 2^f 2^n, t = x log2(e) = n + f with |f| <= 1/2; 2^f is
+// 1 + f (c1 + c2 f + c3 f^2 + c4 f^3) (a near-minimax fit, exactly 1 at f = 0) and 2^n is applied
+// by VSCALEFPS, which underflows to exactly 0 (x = -inf is clamped to -150: 2^-216 gives 0).
+// Half the operations of exp_nonpositive_packet (NOTES section 31). NaN stays NaN (MAXPS returns
+// its second operand, x, when either is NaN).
+inline Packet exp_nonpositive_coarse(const Packet& x) {
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);
+  const __m512 t = _mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.009582748636603355f), f,
+                             _mm512_set1_ps(0.055906444787979126f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24024100601673126f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931241750717163f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
 // tanh(x) to about 2 ulp (Eigen's float tanh is up to 4.6 ulp off, which softcap magnifies by the
 // cap): an odd polynomial below |x| = 0.625 (a minimax fit of tanh's series, as in the Cephes
 // library) and (1 - e) / (1 + e), e = exp(-2|x|), above, where e <= 0.29 keeps it well
