@@ -200,21 +200,20 @@ struct Kernel {
     }
 #endif
     if constexpr (std::is_same_v<T, float>) {
-      // V not in float (half precision, q8): converted in registers a chunk at a time, into the
-      // first rows of the block buffer, where it stays in L1 for all the tile's rows (a partial
-      // block with non-finite values is confined below instead).
-      if (path == Path::few_rows && scored.full && direct(p, Operand::value)) {
-        for (int64_t c0 = 0; c0 < nk; c0 += plan.few_rows_pv_keys) {
-          const int64_t n = std::min(plan.few_rows_pv_keys, nk - c0);
-          with_rows(p, Operand::value, o, j0 + c0, [&](const auto& v) {
-            few_rows::accumulate_stored(ws.Sb + c0, ws.kb, nr, v, n, p.Ev, ws.acc, p.Ev);
-          });
-        }
-        return;
-      }
+      // V not in float (half precision, q8), a chunk of keys at a time (a partial block with
+      // non-finite values is confined below instead): read in its storage and converted in
+      // registers, 4 rows at a time, where its rows are contiguous (direct); otherwise converted
+      // into the first rows of the block buffer, where it stays in L1 for all the tile's rows.
       if (path == Path::few_rows && scored.full && !mappable<T>(p, Operand::value)) {
+        const bool in_place = direct(p, Operand::value);
         for (int64_t c0 = 0; c0 < nk; c0 += plan.few_rows_pv_keys) {
           const int64_t n = std::min(plan.few_rows_pv_keys, nk - c0);
+          if (in_place) {
+            with_rows(p, Operand::value, o, j0 + c0, [&](const auto& v) {
+              few_rows::accumulate_stored(ws.Sb + c0, ws.kb, nr, v, n, p.Ev, ws.acc, p.Ev);
+            });
+            continue;
+          }
           const ConstMatMap<T> Vc =
               key_side_block<T>(p, Operand::value, o[Operand::value], o[Operand::value_scales],
                                 j0 + c0, n, p.Ev, ws.Vc);

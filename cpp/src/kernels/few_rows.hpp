@@ -254,6 +254,18 @@ inline void axpy_stored(const float* p, int64_t ldp, const Rows<S>& v, int64_t x
   }
 }
 
+// The columns [x0, Ev) that no packet covers, one at a time: as axpy_stored, in scalars.
+template <int R, typename S>
+inline void axpy_tail(const float* p, int64_t ldp, const Rows<S>& v, int64_t x0, int64_t Ev,
+                      int64_t nc, float* a, int64_t lda) {
+  for (int64_t x = x0; x < Ev; ++x)
+    for (int i = 0; i < R; ++i) {
+      float sum = 0;
+      for (int64_t c = 0; c < nc; ++c) sum += p[i * ldp + c] * v.at(c).value(x);
+      a[i * lda + x] += sum;
+    }
+}
+
 // R rows of A (lda apart) += their P rows (ldp apart) times nc rows of V (Ev wide, ldv apart):
 // whole rows of V at a time where they fit the registers.
 template <int R>
@@ -267,12 +279,7 @@ inline void axpy_rows(const float* p, int64_t ldp, const float* v, int64_t ldv, 
     for (; x + 4 * kW <= Ev; x += 4 * kW) axpy_stored<R, 4>(p, ldp, vr, x, nc, a, lda);
   }
   for (; x + kW <= Ev; x += kW) axpy_stored<R, 1>(p, ldp, vr, x, nc, a, lda);
-  for (; x < Ev; ++x)
-    for (int i = 0; i < R; ++i) {
-      float sum = 0;
-      for (int64_t c = 0; c < nc; ++c) sum += p[i * ldp + c] * v[c * ldv + x];
-      a[i * lda + x] += sum;
-    }
+  axpy_tail<R>(p, ldp, vr, x, Ev, nc, a, lda);
 }
 
 // A (nr x Ev, rows lda apart) += P (nr x nc, rows ldp apart) V (nc x Ev, rows ldv apart), two
@@ -299,12 +306,7 @@ inline void accumulate_stored(const float* p, int64_t ldp, int64_t nr, const Row
     int64_t x = 0;
     for (; x + 4 * kW <= Ev; x += 4 * kW) axpy_stored<R(), 4>(pr, ldp, v, x, nc, ar, lda);
     for (; x + kW <= Ev; x += kW) axpy_stored<R(), 1>(pr, ldp, v, x, nc, ar, lda);
-    for (; x < Ev; ++x)
-      for (int i = 0; i < R(); ++i) {
-        float sum = 0;
-        for (int64_t c = 0; c < nc; ++c) sum += pr[i * ldp + c] * v.at(c).value(x);
-        ar[i * lda + x] += sum;
-      }
+    axpy_tail<R()>(pr, ldp, v, x, Ev, nc, ar, lda);
   });
 }
 

@@ -177,16 +177,7 @@ inline void softmax_step(float* p, int64_t nc, const Packet* vmax, float* m, flo
   for (int i = 0; i < MP; ++i) {
     float* x = p + c * ld + i * kW;
     const Packet d = ei::psub(ei::pload<Packet>(x), st[i].m_use);
-    Packet e;
-#if defined(EIGEN_VECTORIZE_AVX512)
-    if constexpr (Coarse) {
-      e = simd::exp_nonpositive_coarse(d);
-    } else {
-      e = softmax::exp_nonpositive(d);
-    }
-#else
-    e = softmax::exp_nonpositive(d);
-#endif
+    const Packet e = Coarse ? simd::exp_nonpositive_coarse(d) : softmax::exp_nonpositive(d);
     ei::pstore(x, e);
     sum[i] = ei::padd(sum[i], e);
   }

@@ -103,6 +103,9 @@ inline Packet exp_nonpositive_coarse(const Packet& x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
 }
+#else
+// (Without AVX-512, which the bf16 panels need anyway: the accurate exp.)
+inline Packet exp_nonpositive_coarse(const Packet& x) { return exp_nonpositive_packet(x); }
 #endif
 
 // tanh(x) to about 2 ulp (Eigen's float tanh is up to 4.6 ulp off, which softcap magnifies by the
