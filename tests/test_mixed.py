@@ -78,10 +78,13 @@ def test_strided_and_transposed_quantized_kv(isa, rng):
     x = rng.standard_normal((2, 500, 4, 64))
     qkv = sdpa.quantize_kv(x)
     k = sdpa.QuantizedKV(qkv.values.transpose(0, 2, 1, 3), qkv.scales.transpose(0, 2, 1, 3), 32)
+    kd = k.dequantize(np.float64)
     q = rng.standard_normal((2, 4, 3, 64)).astype(np.float32)
-    out = attention(q, k, k)
-    expected = reference(q, k.dequantize(np.float64), k.dequantize(np.float64))
-    assert_matches_reference(out, expected, f32)
+    assert_matches_reference(attention(q, k, k), reference(q, kd, kd), f32)
+    # a decode step, 4 query heads a kv head: the loop that scores two keys at a time
+    q = rng.standard_normal((2, 16, 1, 64)).astype(np.float32)
+    out = attention(q, k, k, enable_gqa=True)
+    assert_matches_reference(out, reference(q, kd, kd, enable_gqa=True), f32)
 
 
 @pytest.mark.parametrize("block", [16, 32, 48, 7], ids=str)

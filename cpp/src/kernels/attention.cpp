@@ -209,7 +209,7 @@ struct Kernel {
         for (int64_t c0 = 0; c0 < nk; c0 += plan.few_rows_pv_keys) {
           const int64_t n = std::min(plan.few_rows_pv_keys, nk - c0);
           if (in_place) {
-            with_rows(p, Operand::value, o, j0 + c0, [&](const auto& v) {
+            with_rows(p, Operand::value, o, j0 + c0, n, ws.Vc, [&](const auto& v) {
               few_rows::accumulate_stored(ws.Sb + c0, ws.kb, nr, v, n, p.Ev, ws.acc, p.Ev);
             });
             continue;
@@ -273,9 +273,13 @@ struct Kernel {
             v.row_stride * size, cols * size};
   }
 
-  // f(few_rows::Rows<S>) over the rows of key-side operand `which` from key j0, in storage S.
+  // f(few_rows::Rows<S>) over the n rows of key-side operand `which` from key j0, in storage S.
+  // q8's float16 scales of those rows are converted into `scales` (n x ceil(D / block) floats),
+  // packets at a time: the loops then broadcast a scale from memory, where converting it there
+  // took a scalar load, conversion and broadcast for each packet of K and V (NOTES section 33).
   template <typename F>
-  static void with_rows(const Problem& p, Operand which, const OuterOffsets& o, int64_t j0, F&& f) {
+  static void with_rows(const Problem& p, Operand which, const OuterOffsets& o, int64_t j0,
+                        int64_t n, float* scales, F&& f) {
     const View& v = p.view(which);
     const int64_t off = o[which] + j0 * v.row_stride;
     switch (p.kv_dtype) {
@@ -289,8 +293,16 @@ struct Kernel {
         const Operand so = scales_of(which);
         const View& sv = p.view(so);
         const auto* d = static_cast<const Eigen::half*>(sv.data) + o[so] + j0 * sv.row_stride;
-        return f(few_rows::Rows<int8_t>{static_cast<const int8_t*>(v.data) + off, v.row_stride, d,
-                                        sv.row_stride, p.kv_block});
+        const int64_t cols = which == Operand::value ? p.Ev : p.E;
+        const int64_t nb = (cols + p.kv_block - 1) / p.kv_block;
+        if (sv.row_stride == nb) {  // (the scales of the n rows side by side: one run)
+          convert_row<float>(scales, 1, d, 1, n * nb, 1.0f);
+        } else {
+          for (int64_t j = 0; j < n; ++j)
+            convert_row<float>(scales + j * nb, 1, d + j * sv.row_stride, 1, nb, 1.0f);
+        }
+        return f(few_rows::Rows<int8_t>{static_cast<const int8_t*>(v.data) + off, v.row_stride,
+                                        scales, nb, p.kv_block});
       }
       default:
         return;
@@ -387,7 +399,7 @@ struct Kernel {
       if (path == Path::few_rows && !done) {  // one pass over the keys; each K row serves all rows
         if (direct(p, Operand::key)) {        // K read in its storage, converted in registers
           const few_rows::Fetch v = fetch_rows(p, Operand::value, o, j0);
-          with_rows(p, Operand::key, o, j0, [&](const auto& k) {
+          with_rows(p, Operand::key, o, j0, nk, ws.Kc, [&](const auto& k) {
             few_rows::scores(Qtile.data(), nr, p.E, k, nk, ws.Sb, ws.kb, v);
           });
         } else {  // (float32: streamed from memory, row after row; K read in place)

@@ -155,8 +155,9 @@ class Arena {
 //   acc   [Bq x Ev]   unnormalised output
 // (row-major in the general path; the panel path keeps Qs, Sb and acc as consecutive panels of
 // up to kPanelRows rows, each in the transposed panel layout of panel.hpp)
-//   Kc    [Bk x E]    key block converted to T (only when K is not mappable)
-//   Vc    [Bk x Ev]   value block converted to T (only when V is not mappable)
+//   Kc    [Bk x E]    key block converted to T (only when K is not mappable; where the few-row
+//                     loops read q8 K in place, its float scales)
+//   Vc    [Bk x Ev]   value block converted to T (only when V is not mappable; likewise)
 //   m, l  [Bq] each   running max and running sum
 //   rows  [Bq]        RowInfo
 //   Tr    [W x max(E, Ev)]  the panel path's rows on their way into or out of a panel (W lanes;
