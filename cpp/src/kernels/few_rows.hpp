@@ -130,26 +130,37 @@ template <typename S>
 inline void dot_block_pair(const float* q, int64_t E, const Rows<S>& k0, const Rows<S>& k1,
                            float* s, int64_t lds) {
   constexpr int R = 4;
-  Packet acc[2][R];
+  Packet acc[2][R], alt[2][R];  // (alt: odd packets)
   SDPA_UNROLL
-  for (int i = 0; i < R; ++i) acc[0][i] = acc[1][i] = ei::pzero(acc[0][i]);
+  for (int i = 0; i < R; ++i) acc[0][i] = acc[1][i] = alt[0][i] = alt[1][i] = ei::pzero(acc[0][i]);
   const int64_t step = Rows<S>::kQ8 ? k0.block : E;
+  auto madd = [&](Packet(&a)[2][R], int64_t e, const Packet& sc0, const Packet& sc1) {
+    Packet y0 = k0.load(e), y1 = k1.load(e);
+    if constexpr (Rows<S>::kQ8) {
+      y0 = ei::pmul(y0, sc0);
+      y1 = ei::pmul(y1, sc1);
+    }
+    SDPA_UNROLL
+    for (int i = 0; i < R; ++i) {
+      const Packet x = simd::in_register(ei::ploadu<Packet>(q + i * E + e));
+      a[0][i] = ei::pmadd(x, y0, a[0][i]);
+      a[1][i] = ei::pmadd(x, y1, a[1][i]);
+    }
+  };
   for (int64_t b0 = 0, b = 0; b0 < E; b0 += step, ++b) {
     const Packet sc0 = ei::pset1<Packet>(Rows<S>::kQ8 ? k0.d[b] : 1.0f);
     const Packet sc1 = ei::pset1<Packet>(Rows<S>::kQ8 ? k1.d[b] : 1.0f);
-    for (int64_t e = b0; e < b0 + step; e += kW) {
-      Packet y0 = k0.load(e), y1 = k1.load(e);
-      if constexpr (Rows<S>::kQ8) {
-        y0 = ei::pmul(y0, sc0);
-        y1 = ei::pmul(y1, sc1);
-      }
-      SDPA_UNROLL
-      for (int i = 0; i < R; ++i) {
-        const Packet x = ei::ploadu<Packet>(q + i * E + e);
-        acc[0][i] = ei::pmadd(x, y0, acc[0][i]);
-        acc[1][i] = ei::pmadd(x, y1, acc[1][i]);
-      }
+    int64_t e = b0;
+    for (; e + 2 * kW <= b0 + step; e += 2 * kW) {
+      madd(acc, e, sc0, sc1);
+      madd(alt, e + kW, sc0, sc1);
     }
+    if (e < b0 + step) madd(acc, e, sc0, sc1);
+  }
+  SDPA_UNROLL
+  for (int i = 0; i < R; ++i) {
+    acc[0][i] = ei::padd(acc[0][i], alt[0][i]);
+    acc[1][i] = ei::padd(acc[1][i], alt[1][i]);
   }
   float t[2][R];
   predux4(acc[0], t[0]);

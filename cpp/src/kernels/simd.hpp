@@ -32,6 +32,16 @@ inline void prefetch(const void* p, int64_t bytes) {
 #endif
 }
 
+// x, which the compiler must now hold in a register: a packet loaded once and used by several
+// multiply-adds is otherwise folded into each of them as a memory operand, a load apiece (in the
+// two-key score loop that made the loads, not the multiply-adds, its bound: NOTES section 33).
+inline Packet in_register(Packet x) {
+#if defined(__GNUC__) || defined(__clang__)
+  __asm__("" : "+v"(x));
+#endif
+  return x;
+}
+
 // kW int8 values as floats (the values of a q8 row), sign-extended and converted in registers.
 inline Packet load_i8(const int8_t* p) {
 #if defined(EIGEN_VECTORIZE_AVX512)
