@@ -204,22 +204,33 @@ inline void dot_rows(const float* q, int64_t nr, int64_t E, const Rows<S>& k, fl
 // Rows of V to fetch into L2 while the block's scores are computed, one as each key is scored,
 // for the P.V loop that follows (row c at row + c * ld, `bytes` long; none when row is null).
 // Converting V from half precision or q8 otherwise waited on each row's misses: compute and
-// memory took turns (K, read as it is scored, gained nothing from a prefetch).
+// memory took turns.
 struct Fetch {
   const char* row = nullptr;
   int64_t ld = 0, bytes = 0;
 };
 
-// S (nr x nc, rows lds apart) = Q (nr x E, rows E apart) K^T for the nc rows of K, one key at a
-// time against up to 4 rows. (Two keys at a time, reading two K rows side by side, ran 18% slower
-// from memory: section 17.)
+// How many keys ahead of the pair scored the two-key loop fetches K rows into L1. With the
+// hardware prefetcher alone, that loop waited on K: from memory, decode over a float16, q8 or
+// bfloat16 cache (float32 query) ran 5-26% faster with it (NOTES section 33).
+constexpr int64_t kKeyPrefetch = 16;
+
+// S (nr x nc, rows lds apart) = Q (nr x E, rows E apart) K^T for the nc rows of K: two keys at
+// a time against 4 rows where K is converted (each converted K packet then serves 4 rows, each
+// Q packet two keys), else one key at a time against up to 4 rows. (Two keys at a time over
+// float32 K ran 18% slower from memory: section 17.)
 template <typename S>
 inline void scores(const float* q, int64_t nr, int64_t E, const Rows<S>& k, int64_t nc, float* s,
                    int64_t lds, Fetch v = {}) {
+  const int64_t kbytes = E * static_cast<int64_t>(sizeof(S));
   int64_t c = 0;
   if constexpr (!std::is_same_v<S, float>) {
     if (nr == 4 && E % (Rows<S>::kQ8 ? k.block : kW) == 0) {
       for (; c + 2 <= nc; c += 2) {
+        if (c + kKeyPrefetch + 2 <= nc) {
+          simd::prefetch<3>(k.at(c + kKeyPrefetch).x, kbytes);
+          simd::prefetch<3>(k.at(c + kKeyPrefetch + 1).x, kbytes);
+        }
         if (v.row) {
           simd::prefetch<2>(v.row + c * v.ld, v.bytes);
           simd::prefetch<2>(v.row + (c + 1) * v.ld, v.bytes);
