@@ -5,6 +5,7 @@ import pytest
 from conftest import check, reference
 
 import sdpa
+from sdpa import _core
 
 # (L, S, E, Ev): every L and S in 1, 3, 17, 63, 64, 65, 127, 129, 1000 appears, next to the key
 # block edges (255, 256, 257, 513) and E != Ev; not the full cross product.
@@ -183,6 +184,34 @@ def test_fast_and_general_routes_agree(isa, rng, layout, dtype):
 
 class _Sub(np.ndarray):
     pass
+
+
+@pytest.mark.parametrize(
+    "qdtype, kv",
+    [
+        (q, kv)
+        for kv in ("float16", "bfloat16")
+        for q in ("float32", "float16", "bfloat16", "float64")
+        if q != kv
+    ],
+)
+def test_fast_and_general_routes_agree_on_mixed_storage(isa, rng, qdtype, kv):
+    # A query over a float16 or bfloat16 cache takes the direct route (the result in the
+    # query's dtype); a big-endian cache falls to the general route, with the same answer.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    qd, kvd = (np.dtype(getattr(ml_dtypes, n, None) or n) for n in (qdtype, kv))
+    q = rng.standard_normal((2, 8, 1, 32)).astype(qd)  # a decode step, 4 query heads a kv head
+    k = rng.standard_normal((2, 2, 300, 32)).astype(kvd)
+    v = rng.standard_normal((2, 2, 300, 24)).astype(kvd)
+    assert _core.attention_direct(q, k, v, {"enable_gqa": True}) is not None
+    for kwargs in ({}, {"is_causal": True}, {"scale": 0.3}):
+        fast, general = _both_routes(q, k, v, enable_gqa=True, **kwargs)
+        assert fast.dtype == general.dtype == qd
+        np.testing.assert_array_equal(fast, general)
+    ks, vs = (x.astype(x.dtype.newbyteorder(">")) for x in (k, v))
+    assert _core.attention_direct(q, ks, vs, {"enable_gqa": True}) is None
+    fast = sdpa.scaled_dot_product_attention(q, ks, vs, enable_gqa=True)
+    np.testing.assert_array_equal(fast, _both_routes(q, k, v, enable_gqa=True)[1])
 
 
 def test_fast_route_with_out(rng):

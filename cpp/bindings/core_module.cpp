@@ -219,7 +219,9 @@ std::string inner_path(const py::dict& operands, py::handle record, int64_t kv_b
 }
 
 // The direct route for the most common call: q, k, v plain aligned native ndarrays of one dtype
-// with identical batch shapes (but for grouped query heads), and among the options only
+// (or k and v both float16 or both bfloat16 under a query of another dtype: mixed storage, the
+// result in the query's dtype, as the Python layer's dtype policy has it) with identical batch
+// shapes (but for grouped query heads), and among the options only
 // is_causal and enable_gqa (bools), scale (None or a finite float) and out (absent, or exactly
 // right and not overlapping the inputs); others only at their plain defaults. It returns
 // None to decline anything else, leaving every check, broadcast and error message to the Python
@@ -295,8 +297,15 @@ class Direct {
     const py::ssize_t nd = q.ndim();
     if (!dtype || !is_native(dt) || nd < 2 || nd > sdpa::kMaxBatchDims + 1) return false;
     if (k.ndim() != nd || v.ndim() != nd) return false;
-    for (const py::array* a : {&k, &v})
-      if (!(a->dtype().is(dt) || a->dtype().equal(dt))) return false;
+    const py::dtype kdt = k.dtype();
+    if (!(v.dtype().is(kdt) || v.dtype().equal(kdt))) return false;
+    std::optional<sdpa::DType> kv_dtype = dtype;
+    if (!(kdt.is(dt) || kdt.equal(dt))) {  // mixed storage, or a call for the Python layer
+      kv_dtype = dtype_of(kdt);
+      if (!kv_dtype || (*kv_dtype != sdpa::DType::f16 && *kv_dtype != sdpa::DType::bf16) ||
+          !is_native(kdt))
+        return false;
+    }
     for (const py::array* a : {&q, &k, &v})
       if (!(a->flags() & kAligned)) return false;
     nb_ = static_cast<int>(nd) - 2;
@@ -314,7 +323,8 @@ class Direct {
     // (a scale above 1 may make the float query overflow, which needs float64 computation:
     // the Python layer checks it)
     if (*dtype != sdpa::DType::f64 && std::abs(scale_) > 1) return false;
-    p_.dtype = p_.kv_dtype = *dtype;
+    p_.dtype = *dtype;
+    p_.kv_dtype = *kv_dtype;
     p_.nbatch = nb_ + 1;  // plus the group dim G
     for (int d = 0; d < nb_; ++d) p_.batch_shape[d] = k.shape(d);
     p_.batch_shape[nb_] = groups_;
