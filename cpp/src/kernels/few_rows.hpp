@@ -215,27 +215,47 @@ struct Fetch {
 // bfloat16 cache (float32 query) ran 5-26% faster with it (NOTES section 33).
 constexpr int64_t kKeyPrefetch = 16;
 
+// The pairs of keys [0, 2 * (nc / 2)) of `scores` below, against nr rows taken 4 at a time.
+// kOneGroup (nr is 4, GQA-4 decode) keeps that case as it was measured before nr = 8 joined:
+// small changes to this loop's code moved GQA-4 decode by 3-7% (NOTES section 34).
+template <bool kOneGroup, typename S>
+inline int64_t score_pairs(const float* q, int64_t nr, int64_t E, const Rows<S>& k, int64_t nc,
+                           float* s, int64_t lds, const Fetch& v) {
+  const int64_t kbytes = E * static_cast<int64_t>(sizeof(S));
+  int64_t c = 0;
+  for (; c + 2 <= nc; c += 2) {
+    if (c + kKeyPrefetch + 2 <= nc) {
+      simd::prefetch<3>(k.at(c + kKeyPrefetch).x, kbytes);
+      simd::prefetch<3>(k.at(c + kKeyPrefetch + 1).x, kbytes);
+    }
+    if (v.row) {
+      simd::prefetch<2>(v.row + c * v.ld, v.bytes);
+      simd::prefetch<2>(v.row + (c + 1) * v.ld, v.bytes);
+    }
+    if constexpr (kOneGroup) {
+      dot_block_pair(q, E, k.at(c), k.at(c + 1), s + c, lds);
+    } else {
+      for (int64_t r = 0; r < nr; r += 4)
+        dot_block_pair(q + r * E, E, k.at(c), k.at(c + 1), s + r * lds + c, lds);
+    }
+  }
+  return c;
+}
+
 // S (nr x nc, rows lds apart) = Q (nr x E, rows E apart) K^T for the nc rows of K: two keys at
-// a time against 4 rows where K is converted (each converted K packet then serves 4 rows, each
-// Q packet two keys), else one key at a time against up to 4 rows. (Two keys at a time over
-// float32 K ran 18% slower from memory: section 17.)
+// a time against each 4 rows where K is converted and nr is a multiple of 4 (each converted K
+// packet then serves 4 rows, each Q packet two keys), else one key at a time against up to 4
+// rows. (Two keys at a time over float32 K ran 18% slower from memory: section 17.)
 template <typename S>
 inline void scores(const float* q, int64_t nr, int64_t E, const Rows<S>& k, int64_t nc, float* s,
                    int64_t lds, Fetch v = {}) {
-  const int64_t kbytes = E * static_cast<int64_t>(sizeof(S));
   int64_t c = 0;
   if constexpr (!std::is_same_v<S, float>) {
-    if (nr == 4 && E % (Rows<S>::kQ8 ? k.block : kW) == 0) {
-      for (; c + 2 <= nc; c += 2) {
-        if (c + kKeyPrefetch + 2 <= nc) {
-          simd::prefetch<3>(k.at(c + kKeyPrefetch).x, kbytes);
-          simd::prefetch<3>(k.at(c + kKeyPrefetch + 1).x, kbytes);
-        }
-        if (v.row) {
-          simd::prefetch<2>(v.row + c * v.ld, v.bytes);
-          simd::prefetch<2>(v.row + (c + 1) * v.ld, v.bytes);
-        }
-        dot_block_pair(q, E, k.at(c), k.at(c + 1), s + c, lds);
+    if (E % (Rows<S>::kQ8 ? k.block : kW) == 0) {
+      if (nr == 4) {
+        c = score_pairs<true>(q, nr, E, k, nc, s, lds, v);
+      } else if (nr % 4 == 0) {
+        c = score_pairs<false>(q, nr, E, k, nc, s, lds, v);
       }
     }
   }
