@@ -261,6 +261,11 @@ struct Kernel {
     }
   }
 
+  // The length of a row of key-side operand `which`: E for the key, Ev for the value.
+  static int64_t row_length(const Problem& p, Operand which) {
+    return which == Operand::value ? p.Ev : p.E;
+  }
+
   // The rows of key-side operand `which` from key j0 as bytes to prefetch: the values read in
   // place (not q8's scales, a line of which serves many rows); none where they are converted.
   static few_rows::Fetch fetch_rows(const Problem& p, Operand which, const OuterOffsets& o,
@@ -268,9 +273,8 @@ struct Kernel {
     if (!direct(p, which)) return {};
     const View& v = p.view(which);
     const int64_t size = p.kv_dtype == DType::q8 ? 1 : 2;  // (direct: half precision or q8)
-    const int64_t cols = which == Operand::value ? p.Ev : p.E;
     return {static_cast<const char*>(v.data) + (o[which] + j0 * v.row_stride) * size,
-            v.row_stride * size, cols * size};
+            v.row_stride * size, row_length(p, which) * size};
   }
 
   // f(few_rows::Rows<S>) over the n rows of key-side operand `which` from key j0, in storage S.
@@ -293,8 +297,7 @@ struct Kernel {
         const Operand so = scales_of(which);
         const View& sv = p.view(so);
         const auto* d = static_cast<const Eigen::half*>(sv.data) + o[so] + j0 * sv.row_stride;
-        const int64_t cols = which == Operand::value ? p.Ev : p.E;
-        const int64_t nb = (cols + p.kv_block - 1) / p.kv_block;
+        const int64_t nb = p.kv_blocks(row_length(p, which));
         if (sv.row_stride == nb) {  // (the scales of the n rows side by side: one run)
           convert_row<float>(scales, 1, d, 1, n * nb, 1.0f);
         } else {
