@@ -101,6 +101,27 @@ def test_quantized_kv_block_sizes(isa, rng, block, E):
         assert_matches_reference(out, expected, f32)
 
 
+@pytest.mark.parametrize("group", [4, 8], ids=lambda g: f"gqa{g}")
+@pytest.mark.parametrize(
+    "block,E", [(16, 64), (32, 128), (48, 96), (64, 128), (128, 256), (32, 80)], ids=str
+)
+def test_quantized_decode_scale_blocks(isa, rng, group, block, E):
+    # decode over a q8 cache, 4 and 8 query heads a kv head: on AVX-512, the loop that scores 16
+    # keys at a time, lanes along the keys, applying each scale block's scale to a block's sums
+    # (E a multiple of 32, blocks of 16 or more; E = 80 takes the other loop); 1000 keys leave
+    # keys for the two-key loop. Blocks of very different magnitudes expose a scale misapplied.
+    def cache():
+        x = rng.standard_normal((2, 2, 1000, E))
+        mag = np.exp(rng.uniform(-3, 3, (2, 2, 1000, -(-E // block))))
+        return sdpa.quantize_kv(x * np.repeat(mag, block, axis=-1)[..., :E], block=block)
+
+    k, v = cache(), cache()
+    q = rng.standard_normal((2, 2 * group, 1, E)).astype(np.float32) / 4
+    out = attention(q, k, v, enable_gqa=True)
+    kd, vd = k.dequantize(np.float64), v.dequantize(np.float64)
+    assert_matches_reference(out, reference(q, kd, vd, enable_gqa=True), f32)
+
+
 def roundf(t):
     """C's roundf on float64 values: halves away from zero."""
     return np.sign(t) * np.floor(np.abs(t) + 0.5)

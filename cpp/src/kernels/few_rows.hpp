@@ -242,6 +242,145 @@ inline int64_t score_pairs(const float* q, int64_t nr, int64_t E, const Rows<S>&
   return c;
 }
 
+#if defined(EIGEN_VECTORIZE_AVX512)
+// q8 keys 16 at a time, lanes along the keys (NOTES section 35). Along the embedding, each key's
+// dot product needs a reduction across lanes at its end and a scale multiply on every packet;
+// across keys, a lane is a key, so there is no reduction and a block's scale multiplies a
+// block's sum once. The price is a transpose of the 16 rows, done on dwords (4 elements each):
+// per 32 elements, 8 loads with inserts and 24 shuffles give 8 vectors, each one 4-element
+// quad of all 16 keys, in key order. A shuffle then moves element i of every dword to its top
+// byte with zeros below: the int32 is k * 2^24, exactly a float after conversion, which is why
+// the query rows come scaled by 2^-24 (exact but where q is below 2^-102, whose scores are too
+// small to move a softmax). One conversion and no sign extension per 16 values.
+namespace keys16 {
+
+constexpr int64_t kKeys = 16;
+constexpr float kScale = 1.0f / 16777216.0f;  // 2^-24: q8 values come out as k * 2^24
+
+// The quads (4 elements, a dword) [h, h + 32) of the 16 rows of k (rows ld apart), as 8 vectors
+// t[w]: quad w of the 16 keys, in key order.
+inline void transpose_quads(const int8_t* x, int64_t ld, int64_t h, __m512i (&t)[8]) {
+  auto half = [&](int64_t row) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + row * ld + h));
+  };
+  __m512i g[2][4];
+  SDPA_UNROLL
+  for (int grp = 0; grp < 2; ++grp) {
+    __m512i z[4];  // rows 8 grp + j (lanes 0-1: quads 0-3, 4-7) and 8 grp + 4 + j (lanes 2-3)
+    SDPA_UNROLL
+    for (int j = 0; j < 4; ++j)
+      z[j] =
+          _mm512_inserti64x4(_mm512_castsi256_si512(half(8 * grp + j)), half(8 * grp + 4 + j), 1);
+    // 4 x 4 dword transposes within each 128-bit lane: lane L of g[grp][w] is quad w of the
+    // four rows that lane L of z holds.
+    const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+    g[grp][0] = _mm512_unpacklo_epi64(t0, t2);
+    g[grp][1] = _mm512_unpackhi_epi64(t0, t2);
+    g[grp][2] = _mm512_unpacklo_epi64(t1, t3);
+    g[grp][3] = _mm512_unpackhi_epi64(t1, t3);
+  }
+  SDPA_UNROLL
+  for (int w = 0; w < 4; ++w) {  // lanes 0 and 2 (quad w), 1 and 3 (quad 4 + w) of both groups
+    t[w] = _mm512_shuffle_i32x4(g[0][w], g[1][w], 0x88);
+    t[4 + w] = _mm512_shuffle_i32x4(g[0][w], g[1][w], 0xDD);
+  }
+}
+
+// Element I of each dword of t at the dword's top byte, zeros below: k * 2^24, as floats.
+template <int I>
+inline __m512 element(const __m512i& t) {
+  if constexpr (I == 3) {
+    return _mm512_cvtepi32_ps(_mm512_and_si512(t, _mm512_set1_epi32(int32_t(0xFF000000u))));
+  } else {
+    // (vpshufb indexes bytes within each 128-bit lane; an index of 0x80 writes a zero)
+    const __m512i ctl =
+        _mm512_set4_epi32(int32_t(0x0C808080u + (I << 24)), int32_t(0x08808080u + (I << 24)),
+                          int32_t(0x04808080u + (I << 24)), int32_t(0x00808080u + (I << 24)));
+    return _mm512_cvtepi32_ps(_mm512_shuffle_epi8(t, ctl));
+  }
+}
+
+// s[i * lds + c] = q_i . k_c for i < R, c < 16: q rows E apart, scaled by 2^-24; E a multiple of
+// 32 and the scale block of 16. 16 / R sets of R accumulators keep 8 chains of multiply-adds in
+// flight (two FMA pipes of 4 cycles' latency).
+template <int R>
+inline void dot16(const float* q, int64_t E, const Rows<int8_t>& k, const __m512i& scale_index,
+                  float* s, int64_t lds) {
+  constexpr int NS = 8 / R;
+  __m512 sum[R], acc[NS][R];
+  SDPA_UNROLL
+  for (int i = 0; i < R; ++i) {
+    sum[i] = _mm512_setzero_ps();
+    SDPA_UNROLL
+    for (int n = 0; n < NS; ++n) acc[n][i] = _mm512_setzero_ps();
+  }
+  auto madd = [&](int set, const __m512& col, int64_t e) {
+    SDPA_UNROLL
+    for (int i = 0; i < R; ++i)
+      acc[set][i] = _mm512_fmadd_ps(_mm512_set1_ps(q[i * E + e]), col, acc[set][i]);
+  };
+  int64_t b = 0, next = k.block;  // the block being summed, and where it ends
+  for (int64_t h = 0; h < E; h += 32) {
+    __m512i t[8];
+    transpose_quads(k.x, k.ld, h, t);
+    SDPA_UNROLL
+    for (int w = 0; w < 8; ++w) {
+      const int64_t e = h + 4 * w;
+      madd(0, element<0>(t[w]), e);
+      madd(NS - 1, element<1>(t[w]), e + 1);
+      madd(0, element<2>(t[w]), e + 2);
+      madd(NS - 1, element<3>(t[w]), e + 3);
+      if ((w == 3 || w == 7) && e + 4 == next) {  // the block's sums times the keys' scales
+        const __m512 d = _mm512_i32gather_ps(scale_index, k.d + b, 4);
+        SDPA_UNROLL
+        for (int i = 0; i < R; ++i) {
+          __m512 a = acc[0][i];
+          if constexpr (NS == 2) a = _mm512_add_ps(a, acc[1][i]);
+          sum[i] = _mm512_fmadd_ps(a, d, sum[i]);
+          SDPA_UNROLL
+          for (int n = 0; n < NS; ++n) acc[n][i] = _mm512_setzero_ps();
+        }
+        ++b;
+        next += k.block;
+      }
+    }
+  }
+  SDPA_UNROLL
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(s + i * lds, sum[i]);
+}
+
+// The scores of keys [0, 16 * (nc / 16)) against nr rows (a multiple of 4) of q (unscaled, rows
+// E apart, nr * E <= kMaxQ): returns how many keys it scored, 0 where E is not a multiple of 32
+// (or the scale block of 16).
+constexpr int64_t kMaxQ = 8 * 256;
+inline int64_t scores(const float* q, int64_t nr, int64_t E, const Rows<int8_t>& k, int64_t nc,
+                      float* s, int64_t lds, const Fetch& v) {
+  if (E % 32 != 0 || nr * E > kMaxQ || k.block % 16 != 0) return 0;
+  alignas(64) float qs[kMaxQ];
+  for (int64_t x = 0; x < nr * E; ++x) qs[x] = q[x] * kScale;
+  const __m512i scale_index =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(static_cast<int32_t>(k.ldd)));
+  int64_t c = 0;
+  for (; c + kKeys <= nc; c += kKeys) {
+    if (c + 2 * kKeys <= nc)  // (the next 16 rows; 2 or 3 groups ahead measured the same)
+      for (int64_t j = 0; j < kKeys; ++j) simd::prefetch<3>(k.at(c + kKeys + j).x, E);
+    if (v.row)
+      for (int64_t j = 0; j < kKeys; ++j) simd::prefetch<2>(v.row + (c + j) * v.ld, v.bytes);
+    if (nr == 8) {
+      dot16<8>(qs, E, k.at(c), scale_index, s + c, lds);
+    } else {
+      for (int64_t r = 0; r < nr; r += 4)
+        dot16<4>(qs + r * E, E, k.at(c), scale_index, s + r * lds + c, lds);
+    }
+  }
+  return c;
+}
+
+}  // namespace keys16
+#endif
+
 // S (nr x nc, rows lds apart) = Q (nr x E, rows E apart) K^T for the nc rows of K: two keys at
 // a time against each 4 rows where K is converted and nr is a multiple of 4 (each converted K
 // packet then serves 4 rows, each Q packet two keys), else one key at a time against up to 4
@@ -252,10 +391,16 @@ inline void scores(const float* q, int64_t nr, int64_t E, const Rows<S>& k, int6
   int64_t c = 0;
   if constexpr (!std::is_same_v<S, float>) {
     if (E % (Rows<S>::kQ8 ? k.block : kW) == 0) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+      if constexpr (Rows<S>::kQ8) {
+        if (nr % 4 == 0) c = keys16::scores(q, nr, E, k, nc, s, lds, v);
+      }
+#endif
+      const Fetch vc = v.row ? Fetch{v.row + c * v.ld, v.ld, v.bytes} : v;
       if (nr == 4) {
-        c = score_pairs<true>(q, nr, E, k, nc, s, lds, v);
+        c += score_pairs<true>(q, nr, E, k.at(c), nc - c, s + c, lds, vc);
       } else if (nr % 4 == 0) {
-        c = score_pairs<false>(q, nr, E, k, nc, s, lds, v);
+        c += score_pairs<false>(q, nr, E, k.at(c), nc - c, s + c, lds, vc);
       }
     }
   }
