@@ -394,13 +394,17 @@ inline void scores(const float* q, int64_t nr, int64_t E, const Rows<S>& k, int6
 #if defined(EIGEN_VECTORIZE_AVX512)
       if constexpr (Rows<S>::kQ8) {
         if (nr % 4 == 0) c = keys16::scores(q, nr, E, k, nc, s, lds, v);
+        if (c > 0) {  // (the last nc % 16 keys: two at a time, then one)
+          const Fetch vc = v.row ? Fetch{v.row + c * v.ld, v.ld, v.bytes} : v;
+          c += score_pairs<false>(q, nr, E, k.at(c), nc - c, s + c, lds, vc);
+        }
       }
 #endif
-      const Fetch vc = v.row ? Fetch{v.row + c * v.ld, v.ld, v.bytes} : v;
-      if (nr == 4) {
-        c += score_pairs<true>(q, nr, E, k.at(c), nc - c, s + c, lds, vc);
+      if (c > 0) {
+      } else if (nr == 4) {  // (the code of the other types as measured before the q8 loop)
+        c = score_pairs<true>(q, nr, E, k, nc, s, lds, v);
       } else if (nr % 4 == 0) {
-        c += score_pairs<false>(q, nr, E, k.at(c), nc - c, s + c, lds, vc);
+        c = score_pairs<false>(q, nr, E, k, nc, s, lds, v);
       }
     }
   }
