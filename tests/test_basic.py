@@ -214,6 +214,49 @@ def test_fast_and_general_routes_agree_on_mixed_storage(isa, rng, qdtype, kv):
     np.testing.assert_array_equal(fast, _both_routes(q, k, v, enable_gqa=True)[1])
 
 
+@pytest.mark.parametrize("qdtype", ["float32", "float16", "bfloat16"])
+def test_fast_and_general_routes_agree_on_quantized_kv(isa, rng, qdtype):
+    # A query over QuantizedKV key and value takes the direct route too; strided scales and a
+    # transposed cache as well. Scales that are not plain float16 arrays of the right shape, or
+    # blocks that differ, fall to the Python layer, which converts or raises.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    qd = np.dtype(getattr(ml_dtypes, qdtype, None) or qdtype)
+    q = rng.standard_normal((2, 8, 1, 64)).astype(qd)  # a decode step, 4 query heads a kv head
+    k = sdpa.quantize_kv(rng.standard_normal((2, 2, 300, 64)))
+    v = sdpa.quantize_kv(rng.standard_normal((2, 2, 300, 48)), block=16)
+    v = sdpa.quantize_kv(v.dequantize(), block=32)
+    x = sdpa.quantize_kv(rng.standard_normal((2, 300, 2, 64)))  # (B, S, H, D) seen as (B, H, S, D)
+    kt = sdpa.QuantizedKV(x.values.transpose(0, 2, 1, 3), x.scales.transpose(0, 2, 1, 3), 32)
+    for kk in (k, kt):
+        assert _core.attention_direct(q, kk, v, {"enable_gqa": True}) is not None
+        for kwargs in ({}, {"is_causal": True}, {"scale": 0.3}):
+            fast, general = _both_routes(q, kk, v, enable_gqa=True, **kwargs)
+            assert fast.dtype == general.dtype == qd
+            np.testing.assert_array_equal(fast, general)
+    raw = np.empty(k.scales.nbytes + 1, np.uint8)  # scales at an odd address: not aligned
+    odd = np.frombuffer(raw.data, np.float16, k.scales.size, offset=1).reshape(k.scales.shape)
+    odd[...] = k.scales
+    unaligned = sdpa.QuantizedKV(k.values, odd, k.block)
+    assert not unaligned.scales.flags.aligned
+    assert _core.attention_direct(q, unaligned, v, {"enable_gqa": True}) is None
+    np.testing.assert_array_equal(
+        sdpa.scaled_dot_product_attention(q, unaligned, v, enable_gqa=True),
+        _both_routes(q, k, v, enable_gqa=True)[1],
+    )
+    bad = sdpa.QuantizedKV(k.values, k.scales, k.block)
+    bad.scales = k.scales[..., :1]  # (an attribute replaced after construction: wrong shape)
+    assert _core.attention_direct(q, bad, v, {"enable_gqa": True}) is None
+    with pytest.raises(ValueError, match="key_scales"):
+        sdpa.scaled_dot_product_attention(q, bad, v, enable_gqa=True)
+    other = sdpa.quantize_kv(v.dequantize(), block=16)
+    assert _core.attention_direct(q, k, other, {"enable_gqa": True}) is None
+    with pytest.raises(ValueError, match="share a block size"):
+        sdpa.scaled_dot_product_attention(q, k, other, enable_gqa=True)
+    assert _core.attention_direct(q, k, v.values, {"enable_gqa": True}) is None
+    with pytest.raises(TypeError, match="value must have dtype.*got int8"):
+        sdpa.scaled_dot_product_attention(q, k, v.values, enable_gqa=True)
+
+
 def test_fast_route_with_out(rng):
     q = rng.standard_normal((2, 3, 40, 16)).astype(np.float32)
     out = np.full((2, 3, 40, 16), np.nan, np.float32)

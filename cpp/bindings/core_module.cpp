@@ -285,12 +285,19 @@ class Direct {
     return true;
   }
 
-  // The problem of plain arrays q, k, v (see above); false to decline.
+  // The problem of plain arrays q, k, v (see above), k and v maybe both QuantizedKV; false to
+  // decline.
   bool read_operands(py::handle q_obj, py::handle k_obj, py::handle v_obj) {
-    if (!plain(q_obj) || !plain(k_obj) || !plain(v_obj)) return false;
+    if (!plain(q_obj)) return false;
+    if (quantized(k_obj) && quantized(v_obj)) {
+      if (!read_quantized(k_obj, k_, ks_) || !read_quantized(v_obj, v_, vs_)) return false;
+    } else if (plain(k_obj) && plain(v_obj)) {
+      k_ = py::reinterpret_borrow<py::object>(k_obj);
+      v_ = py::reinterpret_borrow<py::object>(v_obj);
+    } else {
+      return false;
+    }
     q_ = py::reinterpret_borrow<py::object>(q_obj);
-    k_ = py::reinterpret_borrow<py::object>(k_obj);
-    v_ = py::reinterpret_borrow<py::object>(v_obj);
     const py::array q = array(q_), k = array(k_), v = array(v_);
     const py::dtype dt = q.dtype();
     const auto dtype = dtype_of(dt);
@@ -300,7 +307,9 @@ class Direct {
     const py::dtype kdt = k.dtype();
     if (!(v.dtype().is(kdt) || v.dtype().equal(kdt))) return false;
     std::optional<sdpa::DType> kv_dtype = dtype;
-    if (!(kdt.is(dt) || kdt.equal(dt))) {  // mixed storage, or a call for the Python layer
+    if (kv_block_ > 0) {  // (int8 values, checked with their scales)
+      kv_dtype = sdpa::DType::q8;
+    } else if (!(kdt.is(dt) || kdt.equal(dt))) {  // mixed storage, or for the Python layer
       kv_dtype = dtype_of(kdt);
       if (!kv_dtype || (*kv_dtype != sdpa::DType::f16 && *kv_dtype != sdpa::DType::bf16) ||
           !is_native(kdt))
@@ -325,6 +334,7 @@ class Direct {
     if (*dtype != sdpa::DType::f64 && std::abs(scale_) > 1) return false;
     p_.dtype = *dtype;
     p_.kv_dtype = *kv_dtype;
+    p_.kv_block = kv_block_;
     p_.nbatch = nb_ + 1;  // plus the group dim G
     for (int d = 0; d < nb_; ++d) p_.batch_shape[d] = k.shape(d);
     p_.batch_shape[nb_] = groups_;
@@ -363,6 +373,10 @@ class Direct {
     p_.view(Operand::query) = grouped(make_view(array(q_), "query", nb_, 2));
     p_.view(Operand::key) = make_view(array(k_), "key", nb_, 2);
     p_.view(Operand::value) = make_view(array(v_), "value", nb_, 2);
+    if (kv_block_ > 0) {
+      p_.view(Operand::key_scales) = make_view(array(ks_), "key_scales", nb_, 2);
+      p_.view(Operand::value_scales) = make_view(array(vs_), "value_scales", nb_, 2);
+    }
     p_.view(Operand::out) = grouped(make_view(array(out_), "out", nb_, 2));
     if (!std::isnan(scale_)) p_.opt.scale = scale_;
     p_.opt.causal = causal_;
@@ -383,6 +397,35 @@ class Direct {
     }
     return v;
   }
+  static bool quantized(py::handle h) {
+    static PyObject* const quantized_type =
+        py::object(py::module_::import("sdpa._quant").attr("QuantizedKV")).release().ptr();
+    return Py_TYPE(h.ptr()) == reinterpret_cast<PyTypeObject*>(quantized_type);
+  }
+  static int64_t block_of(py::handle h) {
+    const py::object b = h.attr("block");
+    return PyLong_CheckExact(b.ptr()) ? PyLong_AsLongLong(b.ptr()) : -1;
+  }
+  // A QuantizedKV's int8 values and float16 scales, as the kernel reads them: plain, native and
+  // aligned arrays, the scales of shape values.shape[:-1] + (ceil(D / block),), and the block
+  // the same for key and value (kv_block_, set by the first); false to decline (the Python
+  // layer converts the scales or raises).
+  bool read_quantized(py::handle x, py::object& values, py::object& scales) {
+    const int64_t block = block_of(x);
+    if (block < 1 || (kv_block_ > 0 && block != kv_block_)) return false;
+    kv_block_ = block;
+    values = x.attr("values");
+    scales = x.attr("scales");
+    if (!plain(values) || !plain(scales)) return false;
+    const py::array a = array(values), d = array(scales);
+    if (kv_dtype_of(a.dtype()) != sdpa::DType::q8 || dtype_of(d.dtype()) != sdpa::DType::f16 ||
+        !is_native(d.dtype()) || !(d.flags() & kAligned) || d.ndim() != a.ndim() || a.ndim() < 1)
+      return false;
+    const py::ssize_t last = a.ndim() - 1;
+    for (py::ssize_t i = 0; i < last; ++i)
+      if (d.shape(i) != a.shape(i)) return false;
+    return d.shape(last) == (a.shape(last) + block - 1) / block;
+  }
   static bool plain(py::handle h) {
     static PyObject* const ndarray_type =
         py::object(py::module_::import("numpy").attr("ndarray")).release().ptr();
@@ -391,6 +434,8 @@ class Direct {
 
   sdpa::Problem p_;
   py::object q_, k_, v_, out_;  // (py::object: a default py::array would allocate one)
+  py::object ks_, vs_;          // a QuantizedKV key's and value's scales
+  int64_t kv_block_ = 0;        // their block; 0: float key and value
   int nb_ = 0;
   bool causal_ = false, gqa_ = false;
   int64_t groups_ = 1;
