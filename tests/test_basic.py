@@ -246,7 +246,7 @@ def test_fast_and_general_routes_agree_on_quantized_kv(isa, rng, qdtype):
     bad = sdpa.QuantizedKV(k.values, k.scales, k.block)
     bad.scales = k.scales[..., :1]  # (an attribute replaced after construction: wrong shape)
     assert _core.attention_direct(q, bad, v, {"enable_gqa": True}) is None
-    with pytest.raises(ValueError, match="key_scales"):
+    with pytest.raises(ValueError, match=r"key \(QuantizedKV\): scales must have shape"):
         sdpa.scaled_dot_product_attention(q, bad, v, enable_gqa=True)
     other = sdpa.quantize_kv(v.dequantize(), block=16)
     assert _core.attention_direct(q, k, other, {"enable_gqa": True}) is None

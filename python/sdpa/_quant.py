@@ -12,6 +12,26 @@ __all__ = ["QuantizedKV", "quantize_kv"]
 _F16_MAX = float(np.finfo(np.float16).max)
 
 
+def _check_parts(values: Any, scales: Any, block: Any, name: str) -> None:
+    """int8 values, float16 scales of shape values.shape[:-1] + (ceil(D / block),), block >= 1."""
+    if (
+        not isinstance(values, np.ndarray)
+        or not isinstance(scales, np.ndarray)
+        or values.dtype != np.int8
+        or scales.dtype != np.float16
+    ):
+        got = [getattr(x, "dtype", type(x).__name__) for x in (values, scales)]
+        raise TypeError(f"{name} needs int8 values and float16 scales; got {got[0]} and {got[1]}")
+    if not isinstance(block, int) or block < 1 or values.ndim < 1:
+        raise ValueError(f"{name}: block must be positive; got {block}")
+    want = values.shape[:-1] + (-(-values.shape[-1] // block),)
+    if scales.shape != want:
+        raise ValueError(
+            f"{name}: scales must have shape {want} for values {values.shape} and block "
+            f"{block}; got {scales.shape}"
+        )
+
+
 class QuantizedKV:
     """Keys or values stored in 8 bits: int8 values and one float16 scale per block.
 
@@ -57,20 +77,14 @@ class QuantizedKV:
     def __init__(self, values: np.ndarray, scales: np.ndarray, block: int) -> None:
         values, scales = np.asarray(values), np.asarray(scales)
         block = operator.index(block)
-        if values.dtype != np.int8 or scales.dtype != np.float16:
-            raise TypeError(
-                f"QuantizedKV needs int8 values and float16 scales; got {values.dtype} and "
-                f"{scales.dtype}"
-            )
-        if block < 1 or values.ndim < 1:
-            raise ValueError(f"QuantizedKV: block must be positive; got {block}")
-        want = values.shape[:-1] + (-(-values.shape[-1] // block),)
-        if scales.shape != want:
-            raise ValueError(
-                f"QuantizedKV: scales must have shape {want} for values {values.shape} and block "
-                f"{block}; got {scales.shape}"
-            )
+        _check_parts(values, scales, block, "QuantizedKV")
         self.values, self.scales, self.block = values, scales, block
+
+    def _checked(self, name: str) -> QuantizedKV:
+        """Itself, its parts checked again (they are attributes a caller may have replaced);
+        errors name `name`, the argument it was passed as."""
+        _check_parts(self.values, self.scales, self.block, f"{name} (QuantizedKV)")
+        return self
 
     @classmethod
     def empty(cls, shape: tuple[int, ...], *, block: int = 32) -> QuantizedKV:
