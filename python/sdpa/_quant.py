@@ -80,11 +80,10 @@ class QuantizedKV:
         _check_parts(values, scales, block, "QuantizedKV")
         self.values, self.scales, self.block = values, scales, block
 
-    def _checked(self, name: str) -> QuantizedKV:
-        """Itself, its parts checked again (they are attributes a caller may have replaced);
-        errors name `name`, the argument it was passed as."""
+    def _check(self, name: str) -> None:
+        """Its parts checked again (they are attributes a caller may have replaced); errors name
+        `name`, the argument it was passed as."""
         _check_parts(self.values, self.scales, self.block, f"{name} (QuantizedKV)")
-        return self
 
     @classmethod
     def empty(cls, shape: tuple[int, ...], *, block: int = 32) -> QuantizedKV:

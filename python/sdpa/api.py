@@ -283,7 +283,7 @@ def key_operands(name: str, x: Any, kv_dtype: np.dtype) -> dict[str, np.ndarray]
     """The kernel operands that hold key-side `x` ("key" or "value"), in storage: the array in
     kv_dtype, or a QuantizedKV's int8 values and float16 scales (name + "_scales")."""
     if isinstance(x, QuantizedKV):
-        x._checked(name)
+        x._check(name)
         return {name: x.values, name + "_scales": _native(x.scales, np.dtype(np.float16))}
     return {name: _native(x, kv_dtype)}
 

@@ -302,7 +302,7 @@ inline __m512 element(const __m512i& t) {
 }
 
 // s[i * lds + c] = q_i . k_c for i < R, c < 16: q rows E apart, scaled by 2^-24; E a multiple of
-// 32 and the scale block of 16. 16 / R sets of R accumulators keep 8 chains of multiply-adds in
+// 32 and the scale block of 16. 8 / R sets of R accumulators keep 8 chains of multiply-adds in
 // flight (two FMA pipes of 4 cycles' latency).
 template <int R>
 inline void dot16(const float* q, int64_t E, const Rows<int8_t>& k, const __m512i& scale_index,
@@ -400,10 +400,9 @@ inline void scores(const float* q, int64_t nr, int64_t E, const Rows<S>& k, int6
         }
       }
 #endif
-      if (c > 0) {
-      } else if (nr == 4) {  // (the code of the other types as measured before the q8 loop)
+      if (c == 0 && nr == 4) {  // (the other types' code as measured before the q8 loop)
         c = score_pairs<true>(q, nr, E, k, nc, s, lds, v);
-      } else if (nr % 4 == 0) {
+      } else if (c == 0 && nr % 4 == 0) {
         c = score_pairs<false>(q, nr, E, k, nc, s, lds, v);
       }
     }
