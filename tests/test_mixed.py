@@ -103,13 +103,16 @@ def test_quantized_kv_block_sizes(isa, rng, block, E):
 
 @pytest.mark.parametrize("group", [4, 8], ids=lambda g: f"gqa{g}")
 @pytest.mark.parametrize(
-    "block,E", [(16, 64), (32, 128), (48, 96), (64, 128), (128, 256), (32, 80)], ids=str
+    "block,E",
+    [(16, 64), (32, 128), (48, 96), (64, 128), (128, 256), (256, 256), (512, 512), (32, 80)],
+    ids=str,
 )
 def test_quantized_decode_scale_blocks(isa, rng, group, block, E):
     # decode over a q8 cache, 4 and 8 query heads a kv head: on AVX-512, the loop that scores 16
     # keys at a time, lanes along the keys, applying each scale block's scale to a block's sums
-    # (E a multiple of 32, blocks of 16 or more; E = 80 takes the other loop); 1000 keys leave
-    # keys for the two-key loop. Blocks of very different magnitudes expose a scale misapplied.
+    # (E a multiple of 32, blocks of 16 or more; E = 80 takes the other loop), in integers with
+    # VNNI up to blocks of 256 (512 takes the float loop); 1000 keys leave keys for the two-key
+    # loop. Blocks of very different magnitudes expose a scale misapplied.
     def cache():
         x = rng.standard_normal((2, 2, 1000, E))
         mag = np.exp(rng.uniform(-3, 3, (2, 2, 1000, -(-E // block))))
@@ -120,6 +123,35 @@ def test_quantized_decode_scale_blocks(isa, rng, group, block, E):
     out = attention(q, k, v, enable_gqa=True)
     kd, vd = k.dequantize(np.float64), v.dequantize(np.float64)
     assert_matches_reference(out, reference(q, kd, vd, enable_gqa=True), f32)
+
+
+@pytest.mark.parametrize("block", [32, 256], ids=str)
+def test_quantized_decode_query_extremes(isa, rng, block):
+    # decode over a q8 cache with the query rows that the VNNI score loop (CPUs with AVX512-VNNI)
+    # writes as three bytes against a scale per row: magnitudes over 7 decades in one row, a
+    # zero row, rows of +-1 (every byte at its extreme) against keys of 127 and -128 over whole
+    # blocks of 256 (the integer sums at their largest); and, each in a kv head of its own, a
+    # row too small for a float scale and a row with a NaN (the float loop takes those).
+    E, S = 256, 600
+    vals = rng.integers(-128, 128, (1, 5, S, E), dtype=np.int8)
+    vals[:, :, :50] = 127
+    vals[:, :, 50:100] = -128
+    scales = rng.uniform(0.002, 0.02, (1, 5, S, E // block)).astype(np.float16)
+    k = sdpa.QuantizedKV(vals, scales, block)
+    v = sdpa.quantize_kv(rng.standard_normal((1, 5, S, E)), block=block)
+    q = rng.standard_normal((1, 20, 1, E)).astype(np.float32)
+    q[0, 1, 0] *= np.exp(rng.uniform(-8, 8, E)).astype(np.float32)
+    q[0, 2] = 0
+    q[0, 4] = 1
+    q[0, 5] = -1
+    q[0, 6, 0, ::2] = -1
+    q[0, 8] *= np.float32(1e-30)
+    q[0, 12, 0, 7] = np.nan
+    out = attention(q, k, v, enable_gqa=True)
+    expected = reference(q, k.dequantize(np.float64), v.dequantize(np.float64), enable_gqa=True)
+    assert np.isnan(out[0, 12]).all()  # the NaN stays in its row
+    keep = np.arange(20) != 12
+    assert_matches_reference(out[:, keep], expected[:, keep], f32)
 
 
 def roundf(t):

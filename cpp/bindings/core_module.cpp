@@ -476,6 +476,7 @@ py::dict cpu_features() {
   d["avx512dq"] = f.avx512dq;
   d["avx512vl"] = f.avx512vl;
   d["avx512bf16"] = f.avx512bf16;
+  d["avx512vnni"] = f.avx512vnni;
   return d;
 }
 

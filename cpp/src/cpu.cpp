@@ -21,6 +21,7 @@ CpuFeatures cpu_features() {
   f.avx512dq = __builtin_cpu_supports("avx512dq");
   f.avx512vl = __builtin_cpu_supports("avx512vl");
   f.avx512bf16 = __builtin_cpu_supports("avx512bf16");
+  f.avx512vnni = __builtin_cpu_supports("avx512vnni");
   // F16C is not among __builtin_cpu_supports' names in every GCC: CPUID leaf 1, ECX bit 29.
   unsigned a = 1, b = 0, c = 0, d = 0;
   __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
@@ -37,10 +38,11 @@ CpuFeatures cpu_features() {
   const unsigned long long xcr0 = osxsave ? _xgetbv(0) : 0;
   const bool os_avx = (xcr0 & 0x6) == 0x6;       // XMM and YMM state
   const bool os_avx512 = (xcr0 & 0xE6) == 0xE6;  // and opmask, ZMM state
-  unsigned ebx7 = 0, eax7_1 = 0;
+  unsigned ebx7 = 0, ecx7 = 0, eax7_1 = 0;
   if (max_leaf >= 7) {
     __cpuidex(r, 7, 0);
     ebx7 = static_cast<unsigned>(r[1]);
+    ecx7 = static_cast<unsigned>(r[2]);
     __cpuidex(r, 7, 1);
     eax7_1 = static_cast<unsigned>(r[0]);
   }
@@ -54,6 +56,7 @@ CpuFeatures cpu_features() {
   f.avx512bw = os_avx512 && bit(ebx7, 30);
   f.avx512vl = os_avx512 && bit(ebx7, 31);
   f.avx512bf16 = os_avx512 && bit(eax7_1, 5);
+  f.avx512vnni = os_avx512 && bit(ecx7, 11);
 #endif
   return f;
 }

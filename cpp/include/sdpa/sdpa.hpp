@@ -21,6 +21,7 @@ const KernelTable* active_kernel();
 struct CpuFeatures {
   bool sse42 = false, avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512dq = false, avx512vl = false, avx512bf16 = false;
+  bool avx512vnni = false;
 };
 CpuFeatures cpu_features();
 

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "convert.hpp"
@@ -350,32 +351,177 @@ inline void dot16(const float* q, int64_t E, const Rows<int8_t>& k, const __m512
   for (int i = 0; i < R; ++i) _mm512_storeu_ps(s + i * lds, sum[i]);
 }
 
+constexpr int64_t kMaxQ = 8 * 256;  // (rows x E of the query, at most)
+
+#if defined(__AVX512VNNI__) && defined(__GNUC__)  // (GCC and Clang: the inline assembly)
+// With VNNI (NOTES section 37), VPDPBUSD multiplies the 16 keys' bytes by a query's bytes and sums
+// them in int32 lanes, four products an instruction per lane, with no conversion of K to float.
+// The query takes three bytes: each row is scaled to integers x (|x| <= kQMax) and written in
+// base 256 with digits in [-128, 127], x = d0 + 256 d1 + 65536 d2, which gives it 23 bits, as
+// exact as a float for the row's largest elements. VPDPBUSD takes an unsigned byte on one side
+// and the broadcast operand on the other, so the keys go as k + 128 (a XOR of the sign bit) and
+// the query's digits as the broadcast bytes; the sums of k + 128 over a block exceed those of k
+// by 128 times the sum of the block's digits, which the accumulators start from, negated. Per
+// block (at most kMaxBlock elements, so that d0 + 256 d1 stays in int32) the three sums give
+// one float, exact but for its last rounding, times the 16 keys' scales.
+namespace vnni {
+
+constexpr int32_t kQMax = 0x7F7F7F;  // the largest x three digits in [-128, 127] can write
+constexpr int64_t kMaxBlock = 256;
+
+// The query rows as VPDPBUSD reads them, in groups of 4 rows: digits[(g * E / 4 + w) * 12 + 3 i
+// + p] holds digit p of elements [4 w, 4 w + 4) of row 4 g + i (a dword of 4 bytes), so that
+// one pointer walks a group's digits; start[(g * nb + b) * 12 + 3 i + p] is -128 times the sum
+// of those digits over block b; scale[4 g + i] turns the row's integer scores back into q . k.
+struct Query {
+  alignas(64) int32_t digits[3 * kMaxQ / 4];
+  alignas(64) int32_t start[3 * kMaxQ / 16];
+  float scale[8];
+};
+
+// Fills `out` from nr rows of q (a multiple of 4, E apart; E a multiple of 16, nr * E <= kMaxQ,
+// block a multiple of 16): false where a row holds a value that is not finite, or whose largest
+// magnitude is so small that its scale would be subnormal (the float loop takes those).
+inline bool prepare(const float* q, int64_t nr, int64_t E, int64_t block, Query& out) {
+  const int64_t nb = E / block;
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* qr = q + r * E;
+    __m512 m = _mm512_setzero_ps();
+    __mmask16 finite = 0xFFFF;
+    for (int64_t e = 0; e < E; e += 16) {
+      const __m512 x = _mm512_and_ps(_mm512_loadu_ps(qr + e), abs_mask);
+      finite &= _mm512_cmp_ps_mask(x, _mm512_set1_ps(3.0e38f), _CMP_LE_OQ);  // (NaN: false)
+      m = _mm512_max_ps(m, x);
+    }
+    const float mx = _mm512_reduce_max_ps(m);
+    if (finite != 0xFFFF || (mx != 0.0f && mx < 1e-25f)) return false;
+    const float inv = mx == 0.0f ? 0.0f : static_cast<float>(kQMax) / mx;
+    out.scale[r] = mx / static_cast<float>(kQMax);
+    const int64_t g = r / 4, i = r % 4;
+    int32_t* dg = out.digits + g * (E / 4) * 12 + 3 * i;
+    __m512i sums[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int64_t e = 0; e < E; e += 16) {
+      __m512i x = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(qr + e), _mm512_set1_ps(inv)));
+      x = _mm512_max_epi32(_mm512_min_epi32(x, _mm512_set1_epi32(kQMax)),
+                           _mm512_set1_epi32(-kQMax));
+      __m512i d[3];  // digit = the low byte, sign-extended; the rest, divided by 256, goes on
+      for (int p = 0; p < 3; ++p) {
+        d[p] = _mm512_srai_epi32(_mm512_slli_epi32(x, 24), 24);
+        x = _mm512_srai_epi32(_mm512_sub_epi32(x, d[p]), 8);
+        sums[p] = _mm512_add_epi32(sums[p], d[p]);
+        alignas(16) int32_t quads[4];  // the 16 digits as bytes: 4 dwords
+        _mm_store_si128(reinterpret_cast<__m128i*>(quads), _mm512_cvtepi32_epi8(d[p]));
+        for (int w = 0; w < 4; ++w) dg[(e / 4 + w) * 12 + p] = quads[w];
+      }
+      if ((e + 16) % block == 0) {
+        int32_t* st = out.start + (g * nb + (e + 16) / block - 1) * 12 + 3 * i;
+        for (int p = 0; p < 3; ++p) {
+          st[p] = -128 * _mm512_reduce_add_epi32(sums[p]);
+          sums[p] = _mm512_setzero_si512();
+        }
+      }
+    }
+  }
+  return true;
+}
+
+// acc += the sums of 4 products of u's unsigned bytes by the 4 signed bytes at p, in each lane
+// (VPDPBUSD with p broadcast from memory: GCC 12 does not fold the broadcast of the intrinsic).
+inline void dpbusd(__m512i& acc, const __m512i& u, const int32_t* p) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*p));
+}
+
+// s[i * lds + c] = q_i . k_c for i < 4, c < 16: the rows of group g of the query's digits.
+inline void dot16(const Query& qd, int64_t g, int64_t E, int64_t nb, const Rows<int8_t>& k,
+                  const __m512i& scale_index, float* s, int64_t lds) {
+  constexpr int R = 4;
+  const int32_t* dg = qd.digits + g * (E / 4) * 12;
+  const int32_t* st = qd.start + g * nb * 12;
+  __m512 sum[R];
+  __m512i acc[R][3];
+  auto begin_block = [&](const int32_t* from) {
+    SDPA_UNROLL
+    for (int x = 0; x < 3 * R; ++x) acc[x / 3][x % 3] = _mm512_set1_epi32(from[x]);
+  };
+  SDPA_UNROLL
+  for (int i = 0; i < R; ++i) sum[i] = _mm512_setzero_ps();
+  begin_block(st);
+  const __m512i sign = _mm512_set1_epi8(-128);
+  int64_t b = 0, next = k.block;
+  for (int64_t h = 0; h < E; h += 32, dg += 8 * 12) {
+    __m512i t[8];
+    transpose_quads(k.x, k.ld, h, t);
+    SDPA_UNROLL
+    for (int w = 0; w < 8; ++w) {
+      const __m512i ku = _mm512_xor_si512(t[w], sign);
+      SDPA_UNROLL
+      for (int x = 0; x < 3 * R; ++x) dpbusd(acc[x / 3][x % 3], ku, dg + w * 12 + x);
+      if ((w == 3 || w == 7) && h + 4 * w + 4 == next) {  // the block's sums times the scales
+        const __m512 d = _mm512_i32gather_ps(scale_index, k.d + b, 4);
+        SDPA_UNROLL
+        for (int i = 0; i < R; ++i) {
+          const __m512i lo = _mm512_add_epi32(acc[i][0], _mm512_slli_epi32(acc[i][1], 8));
+          const __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][2]), _mm512_set1_ps(65536.0f),
+                                           _mm512_cvtepi32_ps(lo));
+          sum[i] = _mm512_fmadd_ps(y, d, sum[i]);
+        }
+        ++b;
+        next += k.block;
+        if (b < nb) begin_block(st + b * 12);
+      }
+    }
+  }
+  SDPA_UNROLL
+  for (int i = 0; i < R; ++i)
+    _mm512_storeu_ps(s + i * lds, _mm512_mul_ps(sum[i], _mm512_set1_ps(qd.scale[4 * g + i])));
+}
+
+}  // namespace vnni
+#endif
+
 // The scores of keys [0, 16 * (nc / 16)) against nr rows (a multiple of 4) of q (unscaled, rows
 // E apart, nr * E <= kMaxQ): returns how many keys it scored, 0 where E is not a multiple of 32
 // (or the scale block of 16).
-constexpr int64_t kMaxQ = 8 * 256;
 inline int64_t scores(const float* q, int64_t nr, int64_t E, const Rows<int8_t>& k, int64_t nc,
                       float* s, int64_t lds, const Fetch& v) {
   if (E % 32 != 0 || nr * E > kMaxQ || k.block % 16 != 0) return 0;
-  alignas(64) float qs[kMaxQ];
-  for (int64_t x = 0; x < nr * E; ++x) qs[x] = q[x] * kScale;
   const __m512i scale_index =
       _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                          _mm512_set1_epi32(static_cast<int32_t>(k.ldd)));
-  int64_t c = 0;
-  for (; c + kKeys <= nc; c += kKeys) {
-    if (c + 2 * kKeys <= nc)  // (the next 16 rows; 2 or 3 groups ahead measured the same)
-      for (int64_t j = 0; j < kKeys; ++j) simd::prefetch<3>(k.at(c + kKeys + j).x, E);
-    if (v.row)
-      for (int64_t j = 0; j < kKeys; ++j) simd::prefetch<2>(v.row + (c + j) * v.ld, v.bytes);
+  // f(c) scores keys [c, c + 16) for all rows
+  auto each16 = [&](auto&& f) {
+    int64_t c = 0;
+    for (; c + kKeys <= nc; c += kKeys) {
+      if (c + 2 * kKeys <= nc)  // (the next 16 rows; 2 or 3 groups ahead measured the same)
+        for (int64_t j = 0; j < kKeys; ++j) simd::prefetch<3>(k.at(c + kKeys + j).x, E);
+      if (v.row)
+        for (int64_t j = 0; j < kKeys; ++j) simd::prefetch<2>(v.row + (c + j) * v.ld, v.bytes);
+      f(c);
+    }
+    return c;
+  };
+#if defined(__AVX512VNNI__) && defined(__GNUC__)  // (GCC and Clang: the inline assembly)
+  if (k.block <= vnni::kMaxBlock) {
+    vnni::Query qd;
+    const int64_t nb = E / k.block;
+    if (vnni::prepare(q, nr, E, k.block, qd))
+      return each16([&](int64_t c) {
+        for (int64_t g = 0; g < nr / 4; ++g)
+          vnni::dot16(qd, g, E, nb, k.at(c), scale_index, s + 4 * g * lds + c, lds);
+      });
+  }
+#endif
+  alignas(64) float qs[kMaxQ];
+  for (int64_t x = 0; x < nr * E; ++x) qs[x] = q[x] * kScale;
+  return each16([&](int64_t c) {
     if (nr == 8) {
       dot16<8>(qs, E, k.at(c), scale_index, s + c, lds);
     } else {
       for (int64_t r = 0; r < nr; r += 4)
         dot16<4>(qs + r * E, E, k.at(c), scale_index, s + r * lds + c, lds);
     }
-  }
-  return c;
+  });
 }
 
 }  // namespace keys16
