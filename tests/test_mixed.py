@@ -154,6 +154,22 @@ def test_quantized_decode_query_extremes(isa, rng, block):
     assert_matches_reference(out[:, keep], expected[:, keep], f32)
 
 
+@pytest.mark.parametrize("Hkv,S,E", [(64, 4500, 32), (2, 9000, 128)], ids=str)
+def test_quantized_decode_long_cache(isa, rng, Hkv, S, E):
+    # few-row tiles over a q8 cache take key blocks of up to 2048 keys within their splits: 64
+    # tiles of 4500 keys (no split; blocks of 2048, 2048 and 404), and 2 tiles of 9000 keys
+    # (split 7 ways into 1536 keys, one block each, the last shorter)
+    k = sdpa.quantize_kv(rng.standard_normal((1, Hkv, S, E)))
+    v = sdpa.quantize_kv(rng.standard_normal((1, Hkv, S, E)))
+    q = rng.standard_normal((1, 4 * Hkv, 1, E)).astype(np.float32)
+    q[..., : E // 2] *= 3  # (a few keys then stand out, so each block's max and rescale matter)
+    out = attention(q, k, v, enable_gqa=True)
+    # (the reference with each kv head's 4 query heads as 4 query rows: the same sums)
+    kd, vd = k.dequantize(np.float64), v.dequantize(np.float64)
+    expected = reference(q.reshape(1, Hkv, 4, E), kd, vd).reshape(out.shape)
+    assert_matches_reference(out, expected, f32)
+
+
 def roundf(t):
     """C's roundf on float64 values: halves away from zero."""
     return np.sign(t) * np.floor(np.abs(t) + 0.5)

@@ -38,10 +38,11 @@ constexpr int64_t kFewRowsMax = 8;
 // Keys per chunk of the few-row P.V: the chunk of V (32 x Ev floats, 16 KB at Ev = 128) stays in
 // L1 for the second pair of rows (section 17).
 constexpr int64_t kFewRowsPvKeys = 32;
-// Keys per block of a few-row tile over a q8 cache: the loop scoring a block fetches its V rows
-// into L2 for the P.V that follows, and q8's (2048 x 136 B = 272 KB) take what a float16
-// cache's 1024-key block does, while each block's fixed costs (the query's digits, the softmax
-// step, the scale conversions) are spread over four times the keys of kKeyBlock (section 37).
+// Keys per block of a few-row tile over a q8 cache (at most; no more than its split): the loop
+// scoring a block fetches its V rows into L2 for the P.V that follows, and q8's (2048 x 136 B =
+// 272 KB) take what a float16 cache's 1024-key block does, while each block's fixed costs (the
+// query's digits, the softmax step, the scale conversions) are spread over more keys (section
+// 37).
 constexpr int64_t kFewRowsQ8Block = 2048;
 // Keys per online-softmax step of the panel path: P^T (128 x 48 floats, 24 KB) stays in L1 from
 // the scores through the exp to P.V (section 15).
@@ -173,7 +174,6 @@ Plan make_plan(const Problem& p) {
   if (plan.n_outer * ceil_div(plan.rows, plan.row_tile) < kMinItems)
     plan.row_tile = std::min(plan.row_tile, kSmallTile);
   plan.key_block = plan.row_tile > kRowTile ? kKeyBlock / 2 : kKeyBlock;
-  if (p.kv_dtype == DType::q8 && plan.row_tile <= kFewRowsMax) plan.key_block = kFewRowsQ8Block;
   if (g_row_tile.load() > 0) plan.row_tile = g_row_tile.load();
   if (g_key_block.load() > 0) plan.key_block = g_key_block.load();
   // Never more than the call has: the per-worker scratch is sized by these.
@@ -181,6 +181,11 @@ Plan make_plan(const Problem& p) {
   plan.key_block = std::min(plan.key_block, std::max<int64_t>(p.S, 1));
   plan.n_row_tiles = ceil_div(plan.rows, plan.row_tile);
   plan_splits(p, plan);
+  // Few-row tiles over a q8 cache take longer blocks within their splits, which stay those of
+  // kKeyBlock: the number of work items, and so the parallelism, does not change.
+  if (p.kv_dtype == DType::q8 && p.kv_block % 16 == 0 && plan.row_tile <= kFewRowsMax &&
+      g_key_block.load() <= 0)
+    plan.key_block = std::min(kFewRowsQ8Block, plan.split_len);
   // With a causal rule or a right-bounded window, a row's key range grows with its index.
   plan.heavy_tiles_last = p.opt.causal || p.opt.window_right != kUnbounded;
   plan.few_rows_max = kFewRowsMax;

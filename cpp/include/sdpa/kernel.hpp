@@ -158,7 +158,7 @@ struct Plan {
   int64_t n_row_tiles = 0;  // ceil(rows / row_tile)
   int64_t key_block = 0;    // keys per block inside an item
   int64_t n_splits = 1;     // key chunks per row tile (split-K for decode-like shapes)
-  int64_t split_len = 0;    // keys per split (a multiple of the key block)
+  int64_t split_len = 0;    // keys per split (a multiple of the key block, but for q8 decode)
   int64_t n_items = 0;      // n_outer * n_row_tiles * n_splits
   // Causal-like shapes: later row tiles see more keys. Items are handed out in index order, so
   // the kernel maps item order to tiles last-to-first (largest first), which keeps the final

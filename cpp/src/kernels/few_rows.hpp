@@ -363,7 +363,7 @@ constexpr int64_t kMaxQ = 8 * 256;  // (rows x E of the query, at most)
 // the query's digits as the broadcast bytes; the sums of k + 128 over a block exceed those of k
 // by 128 times the sum of the block's digits, which the accumulators start from, negated. Per
 // block (at most kMaxBlock elements, so that d0 + 256 d1 stays in int32) the three sums give
-// one float, exact but for its last rounding, times the 16 keys' scales.
+// one float (two roundings), times the 16 keys' scales.
 namespace vnni {
 
 constexpr int32_t kQMax = 0x7F7F7F;  // the largest x three digits in [-128, 127] can write
@@ -485,7 +485,7 @@ inline void dot16(const Query& qd, int64_t g, int64_t E, int64_t nb, const Rows<
 // (or the scale block of 16).
 inline int64_t scores(const float* q, int64_t nr, int64_t E, const Rows<int8_t>& k, int64_t nc,
                       float* s, int64_t lds, const Fetch& v) {
-  if (E % 32 != 0 || nr * E > kMaxQ || k.block % 16 != 0) return 0;
+  if (E % 32 != 0 || nr > 8 || nr * E > kMaxQ || k.block % 16 != 0) return 0;
   const __m512i scale_index =
       _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                          _mm512_set1_epi32(static_cast<int32_t>(k.ldd)));
