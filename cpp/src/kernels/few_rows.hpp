@@ -372,18 +372,20 @@ constexpr int64_t kMaxBlock = 256;
 // The query rows as VPDPBUSD reads them, in groups of 4 rows: digits[(g * E / 4 + w) * 12 + 3 i
 // + p] holds digit p of elements [4 w, 4 w + 4) of row 4 g + i (a dword of 4 bytes), so that
 // one pointer walks a group's digits; start[(g * nb + b) * 12 + 3 i + p] is -128 times the sum
-// of those digits over block b; scale[4 g + i] turns the row's integer scores back into q . k.
+// of those digits over block b (nb blocks a row); scale[4 g + i] turns the row's integer scores
+// back into q . k.
 struct Query {
   alignas(64) int32_t digits[3 * kMaxQ / 4];
   alignas(64) int32_t start[3 * kMaxQ / 16];
   float scale[8];
+  int64_t nb;
 };
 
 // Fills `out` from nr rows of q (a multiple of 4, E apart; E a multiple of 16, nr * E <= kMaxQ,
 // block a multiple of 16): false where a row holds a value that is not finite, or whose largest
 // magnitude is so small that its scale would be subnormal (the float loop takes those).
 inline bool prepare(const float* q, int64_t nr, int64_t E, int64_t block, Query& out) {
-  const int64_t nb = E / block;
+  const int64_t nb = out.nb = E / block;
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   for (int64_t r = 0; r < nr; ++r) {
     const float* qr = q + r * E;
@@ -433,9 +435,10 @@ inline void dpbusd(__m512i& acc, const __m512i& u, const int32_t* p) {
 }
 
 // s[i * lds + c] = q_i . k_c for i < 4, c < 16: the rows of group g of the query's digits.
-inline void dot16(const Query& qd, int64_t g, int64_t E, int64_t nb, const Rows<int8_t>& k,
+inline void dot16(const Query& qd, int64_t g, int64_t E, const Rows<int8_t>& k,
                   const __m512i& scale_index, float* s, int64_t lds) {
   constexpr int R = 4;
+  const int64_t nb = qd.nb;
   const int32_t* dg = qd.digits + g * (E / 4) * 12;
   const int32_t* st = qd.start + g * nb * 12;
   __m512 sum[R];
@@ -504,11 +507,10 @@ inline int64_t scores(const float* q, int64_t nr, int64_t E, const Rows<int8_t>&
 #if defined(__AVX512VNNI__) && defined(__GNUC__)  // (GCC and Clang: the inline assembly)
   if (k.block <= vnni::kMaxBlock) {
     vnni::Query qd;
-    const int64_t nb = E / k.block;
     if (vnni::prepare(q, nr, E, k.block, qd))
       return each16([&](int64_t c) {
         for (int64_t g = 0; g < nr / 4; ++g)
-          vnni::dot16(qd, g, E, nb, k.at(c), scale_index, s + 4 * g * lds + c, lds);
+          vnni::dot16(qd, g, E, k.at(c), scale_index, s + 4 * g * lds + c, lds);
       });
   }
 #endif
